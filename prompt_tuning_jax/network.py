@@ -1,0 +1,338 @@
+"""A T5 encoder-decoder in Flax Linen with T5X parameter names and logical axis names.
+
+The parameter tree is the one T5X (flaxformer) checkpoints hold:
+`token_embedder/embedding`, `encoder/relpos_bias/rel_embedding`,
+`encoder/layers_{i}/{pre_attention_layer_norm,attention/{query,key,value,out},pre_mlp_layer_norm,mlp}`,
+`encoder/encoder_norm`, `decoder/layers_{i}/{pre_self_attention_layer_norm,self_attention,
+pre_cross_attention_layer_norm,encoder_decoder_attention,pre_mlp_layer_norm,mlp}`, `decoder/decoder_norm`,
+`decoder/logits_dense` (untied models only). Attention kernels are stored joined, `[embed, heads * kv]`.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
+`relpos_buckets`, `prompt`, `prompt_embed`) through `nn.with_logical_partitioning`, which the trainer maps
+to mesh axes. A soft prompt enters through one hook: the encoder hands its embedded input to a
+`prompts.PromptInput` (parameter `encoder/prompt/prompt/prompt`, the official code's name) when the
+model is built with a `PromptConfig`.
+"""
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_tuning_jax import prompts
+from prompt_tuning_jax.config import T5Config
+
+# Added to attention logits where attention is not allowed (T5X's value).
+MASK_BIAS = -1e10
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "linear": lambda x: x,
+}
+
+
+def _fan_in_normal(scale: float = 1.0) -> Callable:
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class Dense(nn.Module):
+  """`[..., in] -> [..., features]` with a float32 kernel `[in, features]` named by `kernel_axes`."""
+  features: int
+  kernel_axes: tuple[str, str]
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = _fan_in_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """The token embedding `[vocab, embed]`, shared by encoder, decoder and (T5 1.0) the logits."""
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """`[batch, length]` int ids -> `[batch, length, embed]`."""
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """`[batch, length, embed]` -> `[batch, length, vocab]` against the embedding table."""
+    return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+  """T5's scale-only RMS norm, computed in float32."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return x.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> np.ndarray:
+  """T5's bucketing of `key_position - query_position`: exact for small distances, log-spaced after.
+
+  Computed in float32 like Mesh TensorFlow and the PyTorch port, so bucket edges agree with both.
+  """
+  buckets = np.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+    distance = np.abs(relative_position)
+  else:
+    distance = -np.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  with np.errstate(divide="ignore"):
+    log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
+  large = max_exact + (log_ratio / np.float32(np.log(max_distance / max_exact))
+                       * np.float32(num_buckets - max_exact))
+  large = np.minimum(np.where(distance < max_exact, 0, large).astype(relative_position.dtype),
+                     num_buckets - 1)
+  return buckets + np.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Attention logit biases from bucketed relative positions, one table `[heads, buckets]` per stack."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int, bidirectional: bool) -> jax.Array:
+    """Returns `[1, heads, query_length, key_length]`."""
+    relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+    bucket = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.1), ("heads", "relpos_buckets")),
+        (self.num_heads, self.num_buckets), jnp.float32)
+    return jnp.take(table, jnp.asarray(bucket), axis=1)[None].astype(self.dtype)
+
+
+def attention_bias(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
+  """`[batch, q]`, `[batch, k]` booleans -> additive bias `[batch, 1, q, k]` (0 or MASK_BIAS)."""
+  allowed = query_mask[:, None, :, None] & key_mask[:, None, None, :]
+  return jnp.where(allowed, 0.0, MASK_BIAS).astype(jnp.float32)
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention (no logit scaling: it is folded into the query initialiser).
+
+  With `decode=True` it keeps keys and values in the `cache` collection: a first call on the full
+  `[batch, max_length]` shape creates the zero cache, each later call takes one position, appends its key
+  and value, and attends to the positions written so far (the causal mask is derived from the cache index).
+  """
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
+               enable_dropout: bool = False, decode: bool = False) -> jax.Array:
+    """`[batch, q, embed]`, `[batch, k, embed]`, bias `[batch|1, heads|1, q, k]` -> `[batch, q, embed]`."""
+    cfg = self.config
+    joined = cfg.num_heads * cfg.head_dim
+    query_init = _fan_in_normal(1.0 / cfg.head_dim)
+    dense = lambda name, init=_fan_in_normal(): Dense(joined, ("embed", "joined_kv"), cfg.dtype, init,
+                                                       name=name)
+    split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    query = split(dense("query", query_init)(inputs_q))
+    key = split(dense("key")(inputs_kv))
+    value = split(dense("value")(inputs_kv))
+
+    if decode:
+      initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        index = cache_index.value
+        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + 1
+        max_length = key.shape[1]
+        # The bias holds every query position: keep this step's row, and mask positions not yet written.
+        bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
+        bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
+
+    logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
+    weights = jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=not enable_dropout)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(inputs_q.shape[:2] + (joined,))
+    return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")(out)
+
+
+class MlpBlock(nn.Module):
+  """Feed-forward block: `wi` (plain) or `wi_0`, `wi_1` (gated), then `wo`."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: jax.Array, enable_dropout: bool = False) -> jax.Array:
+    cfg = self.config
+    acts = cfg.mlp_activations
+    hidden = None
+    for i, act in enumerate(acts):
+      name = "wi" if len(acts) == 1 else f"wi_{i}"
+      h = _ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), cfg.dtype, name=name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=not enable_dropout)
+    return Dense(cfg.emb_dim, ("mlp", "embed"), cfg.dtype, name="wo")(hidden)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array, enable_dropout: bool = False) -> jax.Array:
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
+    y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
+    y = MultiHeadAttention(cfg, name="attention")(y, y, bias, enable_dropout=enable_dropout)
+    x = x + drop(y)
+    y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
+    return x + drop(MlpBlock(cfg, name="mlp")(y, enable_dropout))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y: jax.Array, encoded: jax.Array, self_bias: jax.Array, cross_bias: jax.Array,
+               enable_dropout: bool = False, decode: bool = False) -> jax.Array:
+    cfg = self.config
+    drop = lambda z: nn.Dropout(cfg.dropout_rate)(z, deterministic=not enable_dropout)
+    z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm")(y)
+    z = MultiHeadAttention(cfg, name="self_attention")(z, z, self_bias, enable_dropout=enable_dropout,
+                                                      decode=decode)
+    y = y + drop(z)
+    z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_cross_attention_layer_norm")(y)
+    z = MultiHeadAttention(cfg, name="encoder_decoder_attention")(z, encoded, cross_bias,
+                                                                 enable_dropout=enable_dropout)
+    y = y + drop(z)
+    z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
+    return y + drop(MlpBlock(cfg, name="mlp")(z, enable_dropout))
+
+
+class Encoder(nn.Module):
+  """Embeds tokens, lets the prompt hook extend them, and runs the encoder stack."""
+  config: T5Config
+  embedder: Embed
+  prompt_config: Optional[prompts.PromptConfig] = None
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array,
+               enable_dropout: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`[batch, length]` ids -> (`[batch, length + P, embed]` encoding, `[batch, length + P]` mask)."""
+    cfg = self.config
+    x = self.embedder(tokens)
+    mask = tokens > 0
+    if self.prompt_config is not None:
+      x, mask = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(x, mask)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
+    length = x.shape[1]
+    bias = attention_bias(mask, mask) + RelativePositionBiases(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        name="relpos_bias")(length, length, bidirectional=True)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+    x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), mask
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  embedder: Embed
+
+  @nn.compact
+  def __call__(self, encoded: jax.Array, encoded_mask: jax.Array, decoder_input_tokens: jax.Array,
+               decoder_target_tokens: Optional[jax.Array] = None, enable_dropout: bool = False,
+               decode: bool = False, max_decode_length: Optional[int] = None) -> jax.Array:
+    """Returns float32 logits `[batch, target_length, vocab]`.
+
+    With `decode=True` the input is one position `[batch, 1]` (or the full `[batch, max_decode_length]`
+    once, to create the cache) and `max_decode_length` is the cache's length.
+    """
+    cfg = self.config
+    y = nn.Dropout(cfg.dropout_rate)(self.embedder(decoder_input_tokens),
+                                     deterministic=not enable_dropout)
+    relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance, cfg.num_heads,
+                                    name="relpos_bias")
+    if decode:
+      self_bias = relpos(max_decode_length, max_decode_length, bidirectional=False)
+      if max_decode_length == y.shape[1]:  # the call that creates the cache: a plain causal pass
+        self_bias = self_bias + jnp.where(nn.make_causal_mask(decoder_input_tokens), 0.0, MASK_BIAS)
+      cross_bias = attention_bias(jnp.ones(y.shape[:2], bool), encoded_mask)
+    else:
+      length = y.shape[1]
+      targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
+      query_mask = targets > 0
+      causal = jnp.tril(jnp.ones((length, length), bool))
+      self_bias = (relpos(length, length, bidirectional=False)
+                   + jnp.where(causal, 0.0, MASK_BIAS)[None, None]
+                   + attention_bias(query_mask, query_mask))
+      cross_bias = attention_bias(query_mask, encoded_mask)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout,
+                                                decode)
+    y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
+    if cfg.logits_via_embedding:
+      logits = self.embedder.attend(y) / jnp.sqrt(jnp.asarray(y.shape[-1], cfg.dtype))
+    else:
+      logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.dtype, name="logits_dense")(y)
+    return logits.astype(jnp.float32)
+
+
+class T5(nn.Module):
+  """The encoder-decoder. `__call__` takes T5X's feature names and returns logits.
+
+  Attributes:
+    config: the architecture.
+    prompt_config: the soft prompt, or None for the plain model.
+  """
+  config: T5Config
+  prompt_config: Optional[prompts.PromptConfig] = None
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+    self.encoder = Encoder(cfg, self.token_embedder, self.prompt_config)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: jax.Array,
+             enable_dropout: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`[batch, length]` -> (`[batch, length + P, embed]`, mask `[batch, length + P]`)."""
+    return self.encoder(encoder_input_tokens, enable_dropout)
+
+  def decode(self, encoded: jax.Array, encoded_mask: jax.Array, decoder_input_tokens: jax.Array,
+             decoder_target_tokens: Optional[jax.Array] = None, enable_dropout: bool = False,
+             decode: bool = False, max_decode_length: Optional[int] = None) -> jax.Array:
+    return self.decoder(encoded, encoded_mask, decoder_input_tokens, decoder_target_tokens,
+                        enable_dropout, decode, max_decode_length)
+
+  def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
+               decoder_target_tokens: Optional[jax.Array] = None,
+               enable_dropout: bool = False) -> jax.Array:
+    """`[batch, in_len]`, `[batch, out_len]` (targets shifted right) -> logits `[batch, out_len, vocab]`."""
+    encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
+    return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens, enable_dropout)
