@@ -284,8 +284,9 @@ class Decoder(nn.Module):
       cross_bias = attention_bias(jnp.ones(y.shape[:2], bool), encoded_mask)
     else:
       length = y.shape[1]
-      targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
-      query_mask = targets > 0
+      # Padding is read off the targets (the inputs start with the pad id 0); without targets, none.
+      query_mask = (jnp.ones(y.shape[:2], bool) if decoder_target_tokens is None
+                    else decoder_target_tokens > 0)
       causal = jnp.tril(jnp.ones((length, length), bool))
       self_bias = (relpos(length, length, bidirectional=False)
                    + jnp.where(causal, 0.0, MASK_BIAS)[None, None]

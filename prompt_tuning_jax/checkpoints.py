@@ -1,0 +1,229 @@
+"""Loads frozen T5 parameters from T5X native and Hugging Face checkpoints.
+
+`load_checkpoint(path)` detects the format, infers or reads the architecture and returns
+`(T5Config, params)`, where `params` is the nested dict `network.T5(config)` expects (with
+`encoder/prompt/prompt/prompt` kept when the checkpoint holds a prompt). Every failure - a missing
+path, an unknown or corrupt format, a missing, extra or misshapen parameter - is one `CheckpointError`
+that says what is wrong and how to fix it.
+
+Formats (the `format` names `detect_format` returns):
+  - `t5x`: a T5X checkpoint: a `checkpoint_N/` directory (msgpack `checkpoint` file plus tensorstore
+    arrays), its `checkpoint` file, a single-file msgpack checkpoint, or a model directory (its
+    latest `checkpoint_N` is read). See `t5x_checkpoint`.
+  - `huggingface`: a transformers `save_pretrained` directory of a T5 model. See `hf_checkpoint`.
+"""
+import contextlib
+import os
+from typing import Any, Iterator, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_tuning_jax import hf_checkpoint
+from prompt_tuning_jax import network
+from prompt_tuning_jax import prompts
+from prompt_tuning_jax import t5x_checkpoint
+from prompt_tuning_jax.config import T5Config
+
+T5X = "t5x"
+HUGGINGFACE = "huggingface"
+PROMPT_PATH = "encoder/prompt/prompt/prompt"
+# Not stored in a checkpoint's shapes; T5's default. The tiny test checkpoint uses 8.
+DEFAULT_MAX_DISTANCE = 128
+_MAX_REPORTED = 8
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded (missing, unreadable, or not matching the config)."""
+
+
+def detect_format(path: str) -> str:
+  """`huggingface` or `t5x` for `path`; raises `CheckpointError` if it is neither."""
+  if not path.startswith("gs://") and not os.path.exists(path):
+    raise CheckpointError(f"Checkpoint not found: {path} does not exist.")
+  if hf_checkpoint.is_checkpoint(path):
+    return HUGGINGFACE
+  if t5x_checkpoint.is_checkpoint(path):
+    return T5X
+  raise CheckpointError(
+      f"{path} is not a checkpoint. Expected a T5X checkpoint (a `checkpoint_N/` directory with a "
+      "`checkpoint` file, the file itself, or a model directory holding `checkpoint_N/`) or a Hugging "
+      "Face T5 directory (`config.json` with `model.safetensors` or `pytorch_model.bin`).")
+
+
+def read_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]]:
+  """(format, flat `{param path: shape}`) of a checkpoint, reading no large array."""
+  fmt = detect_format(path)
+  with _as_checkpoint_error(path):
+    if fmt == HUGGINGFACE:
+      return fmt, hf_checkpoint.read_shapes(path)
+    leaves = t5x_checkpoint.read_leaves(path)
+    return fmt, {name: t5x_checkpoint.leaf_shape(leaf) for name, leaf in leaves.items()}
+
+
+def read_config(path: str, relative_attention_max_distance: Optional[int] = None) -> T5Config:
+  """The architecture of a checkpoint: config.json for Hugging Face, inferred from shapes for T5X."""
+  fmt, shapes = read_shapes(path)
+  if fmt == HUGGINGFACE:
+    with _as_checkpoint_error(path):
+      config = hf_checkpoint.read_config(path)
+    if relative_attention_max_distance is not None:
+      config = config.replace(relative_attention_max_distance=relative_attention_max_distance)
+    return config
+  return infer_config(shapes, relative_attention_max_distance or DEFAULT_MAX_DISTANCE)
+
+
+def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5Config] = None,
+                    relative_attention_max_distance: Optional[int] = None
+                    ) -> tuple[T5Config, dict[str, Any]]:
+  """Loads a T5X or Hugging Face T5 checkpoint.
+
+  Args:
+    path: a T5X checkpoint (dir, `checkpoint` file, single msgpack file or model dir) or a Hugging
+      Face T5 directory.
+    dtype: the parameters' dtype (bfloat16 checkpoints are cast to float32 by default). An inferred
+      config computes in it too (`T5Config.dtype`).
+    config: load into this architecture instead of the checkpoint's own; every parameter must match.
+    relative_attention_max_distance: the max distance of the inferred config. Shapes do not hold it:
+      T5X checkpoints default to 128; Hugging Face ones take config.json's value unless this is set.
+
+  Returns:
+    (config, params): params is the nested dict of numpy arrays of `network.T5(config)` (plus
+    `encoder/prompt/prompt/prompt` `[prompt_length, embed]` when the checkpoint holds a prompt).
+
+  Raises:
+    CheckpointError: the path is missing or not a checkpoint, the file is corrupt, or a parameter is
+      missing, extra or of the wrong shape for `config`.
+  """
+  fmt, shapes = read_shapes(path)
+  if config is None:
+    config = read_config(path, relative_attention_max_distance).replace(dtype=dtype)
+  prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
+  check_params(param_shapes(config, prompt_length), shapes, checkpoint=path)
+  with _as_checkpoint_error(path):
+    if fmt == HUGGINGFACE:
+      arrays = hf_checkpoint.read_arrays(path, dtype)
+    else:
+      arrays = t5x_checkpoint.read_arrays(t5x_checkpoint.read_leaves(path), dtype)
+  return config, unflatten(arrays)
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]],
+                 relative_attention_max_distance: int = DEFAULT_MAX_DISTANCE) -> T5Config:
+  """The T5Config implied by flat T5X-named parameter shapes.
+
+  A gated MLP (`wi_0`, `wi_1`) is taken as T5 1.1's gated GELU, a plain `wi` as T5 1.0's ReLU; logits
+  are tied (`logits_via_embedding`) when there is no `decoder/logits_dense/kernel`.
+  """
+  required = ("token_embedder/embedding", "encoder/relpos_bias/rel_embedding",
+              "encoder/layers_0/attention/query/kernel", "encoder/layers_0/mlp/wo/kernel")
+  missing = [name for name in required if name not in shapes]
+  if missing:
+    raise CheckpointError(f"Not a T5 checkpoint: it lacks {', '.join(missing)} (it has "
+                          f"{_preview(shapes)}).")
+  vocab_size, emb_dim = shapes["token_embedder/embedding"]
+  num_heads, num_buckets = shapes["encoder/relpos_bias/rel_embedding"]
+  gated = "encoder/layers_0/mlp/wi_0/kernel" in shapes
+  count_layers = lambda stack: len({name.split("/")[1] for name in shapes
+                                    if name.startswith(f"{stack}/layers_")})
+  return T5Config(
+      vocab_size=vocab_size,
+      emb_dim=emb_dim,
+      num_heads=num_heads,
+      head_dim=shapes["encoder/layers_0/attention/query/kernel"][1] // num_heads,
+      mlp_dim=shapes["encoder/layers_0/mlp/wo/kernel"][0],
+      num_encoder_layers=count_layers("encoder"),
+      num_decoder_layers=count_layers("decoder"),
+      mlp_activations=("gelu", "linear") if gated else ("relu",),
+      logits_via_embedding="decoder/logits_dense/kernel" not in shapes,
+      relative_attention_num_buckets=num_buckets,
+      relative_attention_max_distance=relative_attention_max_distance)
+
+
+def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+  """Flat `{param path: shape}` of `network.T5(config)` (with a prompt of `prompt_length`)."""
+  prompt_config = None if prompt_length is None else prompts.PromptConfig(prompt_length)
+  model = network.T5(config, prompt_config)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens)
+  return {name: tuple(leaf.shape) for name, leaf in flatten(nn.unbox(abstract["params"])).items()}
+
+
+def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpoint: str = "") -> None:
+  """Raises one `CheckpointError` listing every missing, extra or misshapen parameter.
+
+  Args:
+    expected: the model's parameters: a nested or flat dict whose leaves are shapes or arrays.
+    params: the checkpoint's parameters, likewise.
+    checkpoint: the checkpoint's path, for the message.
+  """
+  expected, params = _shapes(expected), _shapes(params)
+  problems = [f"{name}: the checkpoint has shape {params[name]} but the config expects "
+              f"{expected[name]}" for name in expected if name in params
+              and params[name] != expected[name]]
+  problems += [f"{name}: missing from the checkpoint (the config expects shape {expected[name]})"
+               for name in expected if name not in params]
+  problems += [f"{name}: shape {params[name]} in the checkpoint is not a parameter of the config's "
+               "model" for name in params if name not in expected]
+  if problems:
+    shown = problems[:_MAX_REPORTED] + ([f"... and {len(problems) - _MAX_REPORTED} more"]
+                                        if len(problems) > _MAX_REPORTED else [])
+    source = f"Checkpoint {checkpoint}" if checkpoint else "The checkpoint"
+    raise CheckpointError(
+        f"{source} does not match the config ({len(problems)} problem(s)):\n  "
+        + "\n  ".join(shown)
+        + "\nLoad it without `config=` to use the architecture it holds (`python -m "
+          "prompt_tuning_jax.inspect PATH` prints it), or fix the T5Config fields these shapes "
+          "come from.")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`{'a': {'b': x}}` -> `{'a/b': x}`."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """`{'a/b': x}` -> `{'a': {'b': x}}`."""
+  tree = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
+  """The number of scalars in flat `{path: shape}`."""
+  return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(leaf)
+          for name, leaf in flatten(tree).items()}
+
+
+def _preview(names) -> str:
+  names = sorted(names)
+  return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") or "nothing"
+
+
+@contextlib.contextmanager
+def _as_checkpoint_error(path: str) -> Iterator[None]:
+  """Re-raises the readers' `OSError`s and `ValueError`s as `CheckpointError`s."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"Cannot read checkpoint {path}: {e}") from e

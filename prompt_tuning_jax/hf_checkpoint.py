@@ -1,0 +1,220 @@
+"""Reads Hugging Face T5 checkpoints (a `save_pretrained` directory) into T5X-named parameters.
+
+The directory holds `config.json` and the weights: `model.safetensors`, `pytorch_model.bin` (needs
+torch), or shards listed by `model.safetensors.index.json` / `pytorch_model.bin.index.json`.
+torch `Linear` weights are `[out, in]` and become our `[in, out]` kernels; the relative position
+tables `[buckets, heads]` become `[heads, buckets]`.
+
+Logits: HF multiplies the decoder output by `d_model**-0.5` when `scale_decoder_outputs` is set
+(transformers>=5; older config.json files say `tie_word_embeddings`) and multiplies it by `lm_head`,
+which is `shared` unless the checkpoint stores its own `lm_head.weight`. Scaled and shared is T5 1.0's
+`logits_via_embedding=True`; otherwise the (scaled) head becomes `decoder/logits_dense/kernel`.
+
+Errors are `ValueError`s (or `OSError`s); `checkpoints.load_checkpoint` turns them into
+`CheckpointError`s.
+"""
+import json
+import os
+import struct
+from typing import Any, Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_tuning_jax.config import T5Config
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# Copies of `shared.weight` (or weights T5 never uses) that a checkpoint may hold.
+_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
+
+
+class _Tensor(NamedTuple):
+  """A stored tensor: its shape and how to read it as a numpy array."""
+  shape: tuple[int, ...]
+  read: Callable[[], np.ndarray]
+
+
+def is_checkpoint(path: str) -> bool:
+  """Whether `path` is a directory with `config.json` and T5 weights."""
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES))
+
+
+def read_config(path: str) -> T5Config:
+  """The T5Config of the checkpoint in `path` (config.json, plus whether `lm_head` is stored)."""
+  hf = _read_json(os.path.join(path, CONFIG_FILE))
+  if hf.get("model_type", "t5") not in ("t5", "mt5"):
+    raise ValueError(f"{path}/{CONFIG_FILE} is a {hf['model_type']!r} model, not T5.")
+  ffn = hf.get("feed_forward_proj", "relu")
+  gated = ffn.startswith("gated-")
+  activation = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "silu": "silu"}.get(
+      ffn.split("-")[-1], "gelu" if ffn == "gated-gelu" else None)  # HF's gated-gelu is tanh GELU.
+  if activation is None or ffn.count("-") > int(gated):
+    raise ValueError(f"feed_forward_proj={ffn!r} in {path}/{CONFIG_FILE} is not supported; use relu, "
+                     "gated-gelu, gated-silu, silu or gelu_new.")
+  logits_via_embedding = _scales_decoder_output(hf) and "lm_head.weight" not in _tensors(path)
+  return T5Config(
+      vocab_size=hf["vocab_size"],
+      emb_dim=hf["d_model"],
+      num_heads=hf["num_heads"],
+      head_dim=hf["d_kv"],
+      mlp_dim=hf["d_ff"],
+      num_encoder_layers=hf["num_layers"],
+      num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+      mlp_activations=(activation, "linear") if gated else (activation,),
+      logits_via_embedding=logits_via_embedding,
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      dropout_rate=hf.get("dropout_rate", 0.1),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
+
+
+def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """Flat `{T5X param path: shape}` of the checkpoint in `path`, reading no array."""
+  return {name: shape for name, (shape, _) in _our_tensors(path).items()}
+
+
+def read_arrays(path: str, dtype: Any) -> dict[str, np.ndarray]:
+  """Flat `{T5X param path: array}` of the checkpoint in `path`, cast to `dtype`."""
+  return {name: read().astype(dtype, copy=False) for name, (_, read) in _our_tensors(path).items()}
+
+
+def _our_tensors(path: str) -> dict[str, _Tensor]:
+  """The checkpoint's tensors under T5X names, transposed (and the logits head scaled) lazily."""
+  hf = _read_json(os.path.join(path, CONFIG_FILE))
+  config = read_config(path)
+  tensors = _tensors(path)
+  names = _name_map(config)
+  if not config.logits_via_embedding:
+    head = "lm_head.weight" if "lm_head.weight" in tensors else "shared.weight"
+    names["decoder/logits_dense/kernel"] = head
+  unknown = sorted(set(tensors) - set(names.values()) - set(_IGNORED))
+  if unknown:
+    raise ValueError(f"{path} holds tensors a T5 model does not have: {', '.join(unknown[:5])}"
+                     f"{' ...' if len(unknown) > 5 else ''}. Is config.json right?")
+  ours = {}
+  for name, hf_name in names.items():
+    if hf_name not in tensors:
+      continue  # `checkpoints.check_params` reports it as missing.
+    shape, read = tensors[hf_name]
+    if len(shape) == 2 and name != "token_embedder/embedding":
+      scale = (hf["d_model"] ** -0.5 if name == "decoder/logits_dense/kernel"
+               and _scales_decoder_output(hf) else None)
+      shape, read = shape[::-1], _transposed(read, scale)
+    ours[name] = _Tensor(tuple(shape), read)
+  return ours
+
+
+def _name_map(config: T5Config) -> dict[str, str]:
+  """`{T5X name: HF name}` of every parameter but the untied logits head."""
+  mlp = ["wi"] if len(config.mlp_activations) == 1 else ["wi_0", "wi_1"]
+  names = {"token_embedder/embedding": "shared.weight",
+           "encoder/encoder_norm/scale": "encoder.final_layer_norm.weight",
+           "decoder/decoder_norm/scale": "decoder.final_layer_norm.weight"}
+  for stack in ("encoder", "decoder"):
+    names[f"{stack}/relpos_bias/rel_embedding"] = (
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+  blocks = {"encoder": (("pre_attention_layer_norm", "attention", "SelfAttention"),
+                        ("pre_mlp_layer_norm", "mlp", "DenseReluDense")),
+            "decoder": (("pre_self_attention_layer_norm", "self_attention", "SelfAttention"),
+                        ("pre_cross_attention_layer_norm", "encoder_decoder_attention",
+                         "EncDecAttention"),
+                        ("pre_mlp_layer_norm", "mlp", "DenseReluDense"))}
+  num_layers = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+  for stack, sublayers in blocks.items():
+    for i in range(num_layers[stack]):
+      for j, (norm, ours, theirs) in enumerate(sublayers):
+        prefix, hf_prefix = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer.{j}"
+        names[f"{prefix}/{norm}/scale"] = f"{hf_prefix}.layer_norm.weight"
+        pairs = [(m, m) for m in mlp + ["wo"]] if ours == "mlp" else [(t, o) for t, o in _ATTENTION]
+        for hf_name, our_name in pairs:
+          names[f"{prefix}/{ours}/{our_name}/kernel"] = f"{hf_prefix}.{theirs}.{hf_name}.weight"
+  return names
+
+
+def _scales_decoder_output(hf: dict[str, Any]) -> bool:
+  return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
+
+
+def _transposed(read: Callable[[], np.ndarray], scale) -> Callable[[], np.ndarray]:
+  def read_transposed():
+    array = np.ascontiguousarray(read().T)
+    return array if scale is None else (array.astype(np.float32) * np.float32(scale)).astype(
+        array.dtype)
+  return read_transposed
+
+
+def _tensors(path: str) -> dict[str, _Tensor]:
+  """`{HF name: tensor}` from the weight file(s) in `path`."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index_file = os.path.join(path, index_name)
+    if os.path.isfile(index_file):
+      shards = sorted(set(_read_json(index_file)["weight_map"].values()))
+      tensors = {}
+      for shard in shards:
+        tensors.update(_file_tensors(os.path.join(path, shard)))
+      return tensors
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isfile(os.path.join(path, name)):
+      return _file_tensors(os.path.join(path, name))
+  raise FileNotFoundError(f"No weights in {path}: expected one of {', '.join(WEIGHT_FILES)}.")
+
+
+def _file_tensors(filename: str) -> dict[str, _Tensor]:
+  return (_safetensors_tensors(filename) if filename.endswith(".safetensors")
+          else _torch_tensors(filename))
+
+
+def _safetensors_tensors(filename: str) -> dict[str, _Tensor]:
+  """Parses the safetensors header (8-byte little-endian length, then JSON); reads data lazily."""
+  with open(filename, "rb") as f:
+    try:
+      (header_length,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(header_length))
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{filename} is not a safetensors file (truncated or corrupt?): {e}") from e
+  data_start = 8 + header_length
+
+  def reader(entry):
+    begin, end = entry["data_offsets"]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+
+    def read():
+      with open(filename, "rb") as f:
+        f.seek(data_start + begin)
+        return np.frombuffer(f.read(end - begin), dtype).reshape(entry["shape"])
+    return read
+
+  return {name: _Tensor(tuple(entry["shape"]), reader(entry))
+          for name, entry in header.items() if name != "__metadata__"}
+
+
+def _torch_tensors(filename: str) -> dict[str, _Tensor]:
+  """Tensors of a `pytorch_model.bin`, memory-mapped; aliases of `shared.weight` are dropped."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"Reading {filename} needs PyTorch (pip install torch), or save the model as "
+                     "safetensors.") from e
+  state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+  shared = state.get("shared.weight")
+  to_numpy = lambda t: lambda: t.detach().float().numpy() if t.dtype == torch.bfloat16 else (
+      t.detach().numpy())
+  return {name: _Tensor(tuple(t.shape), to_numpy(t)) for name, t in state.items()
+          if shared is None or name == "shared.weight" or t.data_ptr() != shared.data_ptr()}
+
+
+def _read_json(filename: str) -> dict[str, Any]:
+  try:
+    with open(filename, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{filename} is not valid JSON: {e}") from e
