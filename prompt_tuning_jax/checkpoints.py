@@ -13,8 +13,9 @@ Formats (the `format` names `detect_format` returns):
   - `huggingface`: a transformers `save_pretrained` directory of a T5 model. See `hf_checkpoint`.
 """
 import contextlib
+import functools
 import os
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -32,7 +33,7 @@ HUGGINGFACE = "huggingface"
 PROMPT_PATH = "encoder/prompt/prompt/prompt"
 # Not stored in a checkpoint's shapes; T5's default. The tiny test checkpoint uses 8.
 DEFAULT_MAX_DISTANCE = 128
-_MAX_REPORTED = 8
+_MAX_REPORTED = 5  # of each kind: misshapen, missing, extra
 
 
 class CheckpointError(ValueError):
@@ -55,24 +56,14 @@ def detect_format(path: str) -> str:
 
 def read_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]]:
   """(format, flat `{param path: shape}`) of a checkpoint, reading no large array."""
-  fmt = detect_format(path)
-  with _as_checkpoint_error(path):
-    if fmt == HUGGINGFACE:
-      return fmt, hf_checkpoint.read_shapes(path)
-    leaves = t5x_checkpoint.read_leaves(path)
-    return fmt, {name: t5x_checkpoint.leaf_shape(leaf) for name, leaf in leaves.items()}
+  fmt, shapes, _ = _open(path)
+  return fmt, shapes
 
 
 def read_config(path: str, relative_attention_max_distance: Optional[int] = None) -> T5Config:
   """The architecture of a checkpoint: config.json for Hugging Face, inferred from shapes for T5X."""
-  fmt, shapes = read_shapes(path)
-  if fmt == HUGGINGFACE:
-    with _as_checkpoint_error(path):
-      config = hf_checkpoint.read_config(path)
-    if relative_attention_max_distance is not None:
-      config = config.replace(relative_attention_max_distance=relative_attention_max_distance)
-    return config
-  return infer_config(shapes, relative_attention_max_distance or DEFAULT_MAX_DISTANCE)
+  fmt, shapes, _ = _open(path)
+  return _config(path, fmt, shapes, relative_attention_max_distance)
 
 
 def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5Config] = None,
@@ -97,17 +88,13 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
     CheckpointError: the path is missing or not a checkpoint, the file is corrupt, or a parameter is
       missing, extra or of the wrong shape for `config`.
   """
-  fmt, shapes = read_shapes(path)
+  fmt, shapes, read_arrays = _open(path)
   if config is None:
-    config = read_config(path, relative_attention_max_distance).replace(dtype=dtype)
+    config = _config(path, fmt, shapes, relative_attention_max_distance).replace(dtype=dtype)
   prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
   check_params(param_shapes(config, prompt_length), shapes, checkpoint=path)
   with _as_checkpoint_error(path):
-    if fmt == HUGGINGFACE:
-      arrays = hf_checkpoint.read_arrays(path, dtype)
-    else:
-      arrays = t5x_checkpoint.read_arrays(t5x_checkpoint.read_leaves(path), dtype)
-  return config, unflatten(arrays)
+    return config, unflatten(read_arrays(dtype))
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]],
@@ -152,7 +139,7 @@ def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[
 
 
 def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpoint: str = "") -> None:
-  """Raises one `CheckpointError` listing every missing, extra or misshapen parameter.
+  """Raises one `CheckpointError` naming the misshapen, missing and extra parameters (5 of each).
 
   Args:
     expected: the model's parameters: a nested or flat dict whose leaves are shapes or arrays.
@@ -160,23 +147,24 @@ def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpo
     checkpoint: the checkpoint's path, for the message.
   """
   expected, params = _shapes(expected), _shapes(params)
-  problems = [f"{name}: the checkpoint has shape {params[name]} but the config expects "
-              f"{expected[name]}" for name in expected if name in params
-              and params[name] != expected[name]]
-  problems += [f"{name}: missing from the checkpoint (the config expects shape {expected[name]})"
-               for name in expected if name not in params]
-  problems += [f"{name}: shape {params[name]} in the checkpoint is not a parameter of the config's "
-               "model" for name in params if name not in expected]
+  kinds = [
+      [f"{name}: the checkpoint has shape {params[name]} but the config expects {expected[name]}"
+       for name in expected if name in params and params[name] != expected[name]],
+      [f"{name}: missing from the checkpoint (the config expects shape {expected[name]})"
+       for name in expected if name not in params],
+      [f"{name}: shape {params[name]} in the checkpoint is not a parameter of the config's model"
+       for name in params if name not in expected]]
+  problems = sum(kinds, [])
   if problems:
-    shown = problems[:_MAX_REPORTED] + ([f"... and {len(problems) - _MAX_REPORTED} more"]
-                                        if len(problems) > _MAX_REPORTED else [])
+    shown = sum([kind[:_MAX_REPORTED] + ([f"... and {len(kind) - _MAX_REPORTED} more like it"]
+                                         if len(kind) > _MAX_REPORTED else []) for kind in kinds], [])
     source = f"Checkpoint {checkpoint}" if checkpoint else "The checkpoint"
     raise CheckpointError(
         f"{source} does not match the config ({len(problems)} problem(s)):\n  "
         + "\n  ".join(shown)
         + "\nLoad it without `config=` to use the architecture it holds (`python -m "
-          "prompt_tuning_jax.inspect PATH` prints it), or fix the T5Config fields these shapes "
-          "come from.")
+          "prompt_tuning_jax.inspect PATH` prints it), or fix the T5Config fields (or the "
+          "config.json) these shapes come from.")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -206,6 +194,29 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
   """The number of scalars in flat `{path: shape}`."""
   return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def _open(path: str) -> tuple[str, dict[str, tuple[int, ...]], Callable[[Any], dict[str, np.ndarray]]]:
+  """(format, flat shapes, `read_arrays(dtype)` -> flat arrays) of the checkpoint at `path`."""
+  fmt = detect_format(path)
+  with _as_checkpoint_error(path):
+    if fmt == HUGGINGFACE:
+      return (fmt, hf_checkpoint.read_shapes(path),
+              functools.partial(hf_checkpoint.read_arrays, path))
+    leaves = t5x_checkpoint.read_leaves(path)
+    shapes = {name: t5x_checkpoint.leaf_shape(leaf) for name, leaf in leaves.items()}
+    return fmt, shapes, functools.partial(t5x_checkpoint.read_arrays, leaves)
+
+
+def _config(path: str, fmt: str, shapes: Mapping[str, tuple[int, ...]],
+            relative_attention_max_distance: Optional[int]) -> T5Config:
+  if fmt == T5X:
+    return infer_config(shapes, relative_attention_max_distance or DEFAULT_MAX_DISTANCE)
+  with _as_checkpoint_error(path):
+    config = hf_checkpoint.read_config(path)
+  if relative_attention_max_distance is not None:
+    config = config.replace(relative_attention_max_distance=relative_attention_max_distance)
+  return config
 
 
 def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

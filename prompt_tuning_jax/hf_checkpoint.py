@@ -16,7 +16,7 @@ Errors are `ValueError`s (or `OSError`s); `checkpoints.load_checkpoint` turns th
 import json
 import os
 import struct
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +33,8 @@ _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+# HF activation names -> ours.
+_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 _ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 
 
@@ -54,10 +56,11 @@ def read_config(path: str) -> T5Config:
   if hf.get("model_type", "t5") not in ("t5", "mt5"):
     raise ValueError(f"{path}/{CONFIG_FILE} is a {hf['model_type']!r} model, not T5.")
   ffn = hf.get("feed_forward_proj", "relu")
-  gated = ffn.startswith("gated-")
-  activation = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "silu": "silu"}.get(
-      ffn.split("-")[-1], "gelu" if ffn == "gated-gelu" else None)  # HF's gated-gelu is tanh GELU.
-  if activation is None or ffn.count("-") > int(gated):
+  parts = ffn.split("-")
+  gated = parts[0] == "gated"
+  # HF's `gated-gelu` is the tanh GELU (ours); a plain `gelu` is the exact one, which we lack.
+  activation = "gelu" if ffn == "gated-gelu" else _ACTIVATIONS.get(parts[-1])
+  if activation is None or len(parts) != 1 + gated:
     raise ValueError(f"feed_forward_proj={ffn!r} in {path}/{CONFIG_FILE} is not supported; use relu, "
                      "gated-gelu, gated-silu, silu or gelu_new.")
   logits_via_embedding = _scales_decoder_output(hf) and "lm_head.weight" not in _tensors(path)
@@ -144,7 +147,9 @@ def _scales_decoder_output(hf: dict[str, Any]) -> bool:
   return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
 
 
-def _transposed(read: Callable[[], np.ndarray], scale) -> Callable[[], np.ndarray]:
+def _transposed(read: Callable[[], np.ndarray],
+                scale: Optional[float]) -> Callable[[], np.ndarray]:
+  """`read` of the transposed array, multiplied by `scale` unless it is None."""
   def read_transposed():
     array = np.ascontiguousarray(read().T)
     return array if scale is None else (array.astype(np.float32) * np.float32(scale)).astype(
@@ -206,9 +211,12 @@ def _torch_tensors(filename: str) -> dict[str, _Tensor]:
                      "safetensors.") from e
   state = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
   shared = state.get("shared.weight")
-  to_numpy = lambda t: lambda: t.detach().float().numpy() if t.dtype == torch.bfloat16 else (
-      t.detach().numpy())
-  return {name: _Tensor(tuple(t.shape), to_numpy(t)) for name, t in state.items()
+
+  def reader(tensor):
+    # numpy has no bfloat16 view of a torch tensor: widen it.
+    return lambda: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+  return {name: _Tensor(tuple(t.shape), reader(t)) for name, t in state.items()
           if shared is None or name == "shared.weight" or t.data_ptr() != shared.data_ptr()}
 
 

@@ -60,7 +60,7 @@ def checkpoint_file(path: str) -> str:
 def read_leaves(path: str) -> dict[str, Leaf]:
   """Flat `{'encoder/layers_0/attention/query/kernel': leaf}` of the checkpoint's parameters.
 
-  Leaves are inline numpy arrays or tensorstore specs with absolute paths (see `read_array`).
+  Leaves are inline numpy arrays or tensorstore specs with absolute paths (see `read_arrays`).
   """
   filename = checkpoint_file(path)
   data = _read_bytes(filename)
@@ -73,8 +73,10 @@ def read_leaves(path: str) -> dict[str, Leaf]:
   if target is None:
     raise ValueError(f"{filename} holds no parameters: expected a T5X train state with "
                      "`optimizer/target` or `target` (or a bare parameter tree with `token_embedder`).")
-  checkpoint_dir = filename.rsplit("/", 1)[0] if _GCS_PATH.fullmatch(filename) else (
-      os.path.dirname(os.path.abspath(filename)))
+  if _GCS_PATH.fullmatch(filename):
+    checkpoint_dir = filename.rsplit("/", 1)[0]
+  else:
+    checkpoint_dir = os.path.dirname(os.path.abspath(filename))
   leaves = {}
   _flatten(target, "", checkpoint_dir, leaves)
   return leaves

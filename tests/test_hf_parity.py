@@ -1,0 +1,128 @@
+"""Logits parity with Hugging Face's PyTorch T5 for checkpoints read by `checkpoints.load_checkpoint`."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import network
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+LENGTH = 24
+# 8 buckets (4 per direction in the encoder, 2 of them exact) and max distance 20 < LENGTH: the
+# log-spaced buckets and the clipping at the last bucket are both exercised.
+COMMON = dict(vocab_size=VOCAB, d_model=16, d_kv=6, num_heads=3, num_layers=2, num_decoder_layers=3,
+              relative_attention_num_buckets=8, relative_attention_max_distance=20,
+              dropout_rate=0.0, decoder_start_token_id=0)
+VERSIONS = {
+    # T5 1.0: ReLU MLP, logits through the shared embedding scaled by d_model**-0.5.
+    "t5_1_0": dict(d_ff=24, feed_forward_proj="relu"),
+    # T5 1.1: gated GELU, a separate lm_head, no output scaling.
+    "t5_1_1": dict(d_ff=20, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def _hf_model(version: str, seed: int):
+  """A random HF T5; for T5 1.1 with its own `lm_head` like the released T5 1.1 checkpoints."""
+  torch.manual_seed(seed)
+  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**COMMON, **VERSIONS[version]))
+  if version == "t5_1_1":
+    # transformers 5 still ties lm_head to `shared` for `tie_word_embeddings=False` (it only drops
+    # the output scaling); give it its own weight, as real T5 1.1 checkpoints have.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, COMMON["d_model"]) * 0.3)
+    model.all_tied_weights_keys.pop("lm_head.weight")
+  with torch.no_grad():  # Non-trivial layer norms and position biases.
+    for name, param in model.named_parameters():
+      if name.endswith("layer_norm.weight"):
+        param.uniform_(0.5, 1.5)
+      elif "relative_attention_bias" in name:
+        param.normal_(0.0, 1.0)
+  return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(VERSIONS))
+def saved(request, tmp_path_factory):
+  """(version, HF model, our config, our params, jitted apply) per T5 version."""
+  version = request.param
+  model = _hf_model(version, seed=len(version))
+  path = tmp_path_factory.mktemp(version)
+  model.save_pretrained(path)
+  config, params = checkpoints.load_checkpoint(str(path))
+  apply = jax.jit(network.T5(config).apply)
+  return version, model, path, config, params, apply
+
+
+def _batch():
+  """Inputs and targets `[3, LENGTH]` with 0-padding; decoder inputs are targets shifted right."""
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, VOCAB, (3, LENGTH))
+  targets = rng.integers(2, VOCAB, (3, LENGTH))
+  for row, (n_in, n_out) in enumerate([(LENGTH, LENGTH), (17, 13), (9, 5)]):
+    inputs[row, n_in:] = 0
+    targets[row, n_out:] = 0
+  decoder_inputs = np.concatenate([np.zeros((3, 1), np.int64), targets[:, :-1]], axis=1)
+  return inputs, decoder_inputs, targets
+
+
+def test_config_from_config_json(saved):
+  version, model, _, config, _, _ = saved
+  hf = model.config
+  assert (config.vocab_size, config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim,
+          config.num_encoder_layers, config.num_decoder_layers) == (
+              VOCAB, hf.d_model, hf.num_heads, hf.d_kv, hf.d_ff, 2, 3)
+  assert (config.relative_attention_num_buckets, config.relative_attention_max_distance) == (8, 20)
+  if version == "t5_1_0":
+    assert config.mlp_activations == ("relu",) and config.logits_via_embedding
+  else:
+    assert config.mlp_activations == ("gelu", "linear") and not config.logits_via_embedding
+
+
+def test_logits_match_pytorch(saved):
+  _, model, _, _, params, apply = saved
+  inputs, decoder_inputs, targets = _batch()
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(inputs), attention_mask=torch.tensor(inputs > 0),
+                     decoder_input_ids=torch.tensor(decoder_inputs)).logits.numpy()
+  logits = np.asarray(apply({"params": params}, jnp.asarray(inputs), jnp.asarray(decoder_inputs),
+                            jnp.asarray(targets)))
+  real = targets > 0
+  assert logits.shape == expected.shape == (3, LENGTH, VOCAB)
+  np.testing.assert_array_less(np.abs(logits[real] - expected[real]).max(), 1e-4)
+  assert np.abs(expected[real]).max() > 0.1  # the comparison is not between near-zero logits
+
+
+def test_kernels_are_transposed(saved):
+  _, model, _, _, params, _ = saved
+  hf = model.state_dict()
+  np.testing.assert_array_equal(params["encoder"]["layers_1"]["attention"]["query"]["kernel"],
+                                hf["encoder.block.1.layer.0.SelfAttention.q.weight"].numpy().T)
+  np.testing.assert_array_equal(params["decoder"]["relpos_bias"]["rel_embedding"],
+                                hf["decoder.block.0.layer.0.SelfAttention.relative_attention_bias."
+                                   "weight"].numpy().T)
+
+
+def test_pytorch_bin_and_bfloat16(saved, tmp_path):
+  """`pytorch_model.bin` (tied copies share storage) and bfloat16 safetensors load like the original."""
+  _, model, path, config, params, _ = saved
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "config.json").write_text((path / "config.json").read_text())
+  torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  bin_config, bin_params = checkpoints.load_checkpoint(str(tmp_path / "bin"))
+  assert bin_config == config
+  jax.tree.map(np.testing.assert_array_equal, bin_params, params)
+
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  model.to(torch.float32)
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+  bf16_config, bf16_params = checkpoints.load_checkpoint(str(tmp_path / "bf16"))
+  assert bf16_config == config
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, bf16_params, rounded)
+  assert bf16_params["token_embedder"]["embedding"].dtype == np.float32
+  _, as_bf16 = checkpoints.load_checkpoint(str(tmp_path / "bf16"), dtype=jnp.bfloat16)
+  assert as_bf16["token_embedder"]["embedding"].dtype == jnp.bfloat16

@@ -1,0 +1,95 @@
+"""Tests of `python -m prompt_tuning_jax.inspect`."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from prompt_tuning_jax import inspect as inspect_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO.parent / "shared" / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3"
+needs_checkpoint = pytest.mark.skipif(not CHECKPOINT.is_dir(), reason=f"{CHECKPOINT} not found")
+TINY_JSON = {
+    "vocab_size": 32128, "emb_dim": 4, "num_heads": 2, "head_dim": 2, "mlp_dim": 8,
+    "num_encoder_layers": 2, "num_decoder_layers": 2, "mlp_activations": ["gelu", "linear"],
+    "logits_via_embedding": False, "relative_attention_num_buckets": 4,
+    "relative_attention_max_distance": 8, "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6,
+    "dtype": "float32", "float32_attention_logits": True,
+}
+# 4 * 32128 (embedding) + 4 * 32128 (logits) + per layer 4 attention kernels 4x4 and 3 MLP kernels of
+# 32 in the encoder (2 norms) and 8 attention kernels plus MLP in the decoder (3 norms), 2 norms, 2
+# relpos tables 2x4.
+TINY_PARAMS = (2 * 4 * 32128 + 2 * (4 * 16 + 3 * 32 + 2 * 4) + 2 * (8 * 16 + 3 * 32 + 3 * 4)
+               + 2 * 4 + 2 * 8)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """A tiny T5 1.0 Hugging Face checkpoint (relu, tied logits)."""
+  transformers = pytest.importorskip("transformers")
+  path = tmp_path_factory.mktemp("hf")
+  config = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=12, num_layers=1,
+                                 num_heads=2, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20, feed_forward_proj="relu")
+  transformers.T5ForConditionalGeneration(config).save_pretrained(path)
+  return path
+
+
+@needs_checkpoint
+def test_text_on_t5x_checkpoint(capsys):
+  assert inspect_lib.main([str(CHECKPOINT), "--max-distance", "8"]) == 0
+  out = capsys.readouterr().out
+  assert "Format: t5x" in out
+  for line in ("vocab_size: 32128", "emb_dim: 4", "num_heads: 2", "head_dim: 2", "mlp_dim: 8",
+               "num_encoder_layers: 2", "num_decoder_layers: 2", "mlp: gated",
+               "logits: untied", "relative_attention_num_buckets: 4",
+               f"Parameters: {TINY_PARAMS:,}"):
+    assert line in out
+  assert "token_embedder/embedding" in out and "(32128, 4)" in out
+  assert "encoder/layers_1/mlp/wi_0/kernel" in out
+
+
+@needs_checkpoint
+def test_json_on_t5x_checkpoint(capsys):
+  assert inspect_lib.main([str(CHECKPOINT), "--json", "--max-distance", "8"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["format"] == "t5x"
+  assert info["config"] == TINY_JSON
+  assert info["num_params"] == TINY_PARAMS
+  assert info["params"]["decoder/logits_dense/kernel"] == [4, 32128]
+
+
+def test_text_and_json_on_hf_dir(hf_dir, capsys):
+  assert inspect_lib.main([str(hf_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "Format: huggingface" in out and "mlp: not gated ('relu',)" in out
+  assert "logits: tied" in out and "relative_attention_max_distance: 20" in out
+  assert inspect_lib.main([str(hf_dir), "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["format"] == "huggingface"
+  assert info["config"]["mlp_activations"] == ["relu"] and info["config"]["logits_via_embedding"]
+  assert (info["config"]["emb_dim"], info["config"]["mlp_dim"]) == (8, 12)
+  assert "decoder/logits_dense/kernel" not in info["params"]
+  assert info["params"]["encoder/relpos_bias/rel_embedding"] == [2, 8]
+
+
+@pytest.mark.parametrize("make_path", [lambda tmp: tmp / "missing", lambda tmp: tmp])
+def test_bad_path_is_one_line_and_exit_2(tmp_path, capsys, make_path):
+  assert inspect_lib.main([str(make_path(tmp_path))]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
+@needs_checkpoint
+def test_subprocess_json():
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run(
+      [sys.executable, "-m", "prompt_tuning_jax.inspect", "--json", str(CHECKPOINT)],
+      capture_output=True, text=True, env=env, cwd=REPO, check=True, timeout=120)
+  info = json.loads(result.stdout)
+  assert info["format"] == "t5x" and info["num_params"] == TINY_PARAMS
+  assert info["config"] == dict(TINY_JSON, relative_attention_max_distance=128)
