@@ -1,0 +1,138 @@
+"""The train and eval steps: pure functions of (state, frozen params, batch), compiled once with shardings.
+
+`TrainState` holds only what learns (the prompt), its optimizer state and the step; the frozen model's
+parameters are a separate argument that is never differentiated, never updated and never saved.
+Batches use T5X's feature names: `encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens` and `decoder_loss_weights`, each `[batch, length]`.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from prompt_tuning_jax import freezing, losses, partitioning
+from prompt_tuning_jax.network import T5
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @classmethod
+  def create(cls, trainable, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), trainable=trainable,
+               opt_state=optimizer.init(trainable), rng=rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """T5X's loss settings (`EncoderDecoderModel` and its `loss_normalizing_factor`)."""
+  label_smoothing: float = 0.0
+  z_loss: float = 1e-4
+  loss_normalizing_factor: Union[None, float, str] = None
+
+
+def _weights(batch: Batch) -> jax.Array:
+  if "decoder_loss_weights" in batch:
+    return batch["decoder_loss_weights"].astype(jnp.float32)
+  return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def _loss_and_metrics(model: T5, params, batch: Batch, loss_config: LossConfig,
+                      normalizer: Optional[jax.Array], dropout_rng: Optional[jax.Array]):
+  """Loss, and summed metrics (loss, z_loss, correct tokens, real tokens, examples) of one batch."""
+  enable_dropout = dropout_rng is not None
+  logits = model.apply({"params": params}, batch["encoder_input_tokens"],
+                       batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+                       enable_dropout=enable_dropout,
+                       rngs={"dropout": dropout_rng} if enable_dropout else None)
+  weights = _weights(batch)
+  loss, z_loss = losses.weighted_cross_entropy(
+      logits, batch["decoder_target_tokens"], weights, label_smoothing=loss_config.label_smoothing,
+      z_loss=loss_config.z_loss, loss_normalizing_factor=normalizer)
+  correct = jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"]) * weights)
+  metrics = {"loss": loss, "z_loss": z_loss, "correct_tokens": correct,
+             "real_tokens": jnp.sum(weights),
+             "examples": jnp.asarray(batch["decoder_target_tokens"].shape[0], jnp.float32)}
+  return loss, metrics
+
+
+def train_step(state: TrainState, frozen, batch: Batch, *, model: T5,
+               optimizer: optax.GradientTransformation, loss_config: LossConfig = LossConfig(),
+               num_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step; gradients are summed over `num_microbatches` slices of the batch.
+
+  Returns the new state and summed metrics plus `learning_rate`-free derived ones (`accuracy`).
+  The dropout key of step s is `fold_in(state.rng, s)`, so a resumed run draws the same masks.
+  """
+  normalizer = losses.normalizing_factor(loss_config.loss_normalizing_factor, _weights(batch))
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  use_dropout = model.config.dropout_rate > 0
+
+  def micro_grads(trainable, micro: Batch, rng):
+    def loss_fn(trainable):
+      params = freezing.merge(trainable, frozen)
+      return _loss_and_metrics(model, params, micro, loss_config, normalizer,
+                               rng if use_dropout else None)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return grads, metrics
+
+  if num_microbatches == 1:
+    grads, metrics = micro_grads(state.trainable, batch, step_rng)
+  else:
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      grads, metrics = micro_grads(state.trainable, micro_batch, jax.random.fold_in(step_rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        micro_grads, state.trainable, jax.tree_util.tree_map(lambda x: x[0], micro), step_rng))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics = dict(metrics, accuracy=metrics["correct_tokens"] / jnp.maximum(metrics["real_tokens"], 1),
+                 grad_norm=optax.global_norm(grads))
+  return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def eval_step(trainable, frozen, batch: Batch, *, model: T5,
+              loss_config: LossConfig = LossConfig()) -> dict[str, jax.Array]:
+  """Summed loss metrics of one batch, without dropout."""
+  normalizer = losses.normalizing_factor(loss_config.loss_normalizing_factor, _weights(batch))
+  _, metrics = _loss_and_metrics(model, freezing.merge(trainable, frozen), batch, loss_config,
+                                 normalizer, None)
+  return metrics
+
+
+def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       state_shardings, frozen_shardings, loss_config: LossConfig = LossConfig(),
+                       num_microbatches: int = 1) -> Callable:
+  """`train_step` under `jax.jit` with the state and frozen params placed by their shardings and the
+  batch split over the mesh's `data` axis; the old state's buffers are donated."""
+  step = functools.partial(train_step, model=model, optimizer=optimizer,
+                               loss_config=loss_config, num_microbatches=num_microbatches)
+  return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
+                                     partitioning.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
+
+
+def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardings,
+                      loss_config: LossConfig = LossConfig()) -> Callable:
+  step = functools.partial(eval_step, model=model, loss_config=loss_config)
+  return jax.jit(step, in_shardings=(trainable_shardings, frozen_shardings,
+                                     partitioning.batch_sharding(mesh)),
+                 out_shardings=partitioning.replicated(mesh))

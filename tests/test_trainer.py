@@ -1,0 +1,165 @@
+"""Prompt-only training: the freeze mask, the loss, Adafactor's recipe, the train step, accumulation."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from prompt_tuning_jax import freezing, losses, network, optimizers, partitioning, prompts, trainer
+
+BATCH = 8
+
+
+def make_batch(vocab: int, seed: int = 0):
+  rs = np.random.RandomState(seed)
+  inputs = rs.randint(2, vocab, (BATCH, 10)).astype(np.int32)
+  inputs[:, 7:] = 0
+  inputs[:, 6] = 1
+  targets = rs.randint(2, vocab, (BATCH, 4)).astype(np.int32)
+  targets[:, 2], targets[:, 3] = 1, 0
+  return dict(encoder_input_tokens=inputs, decoder_target_tokens=targets,
+              decoder_input_tokens=np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+              decoder_loss_weights=(targets > 0).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config, tiny_params):
+  model = network.T5(tiny_config, prompts.PromptConfig(3))
+  prompt = jax.random.uniform(jax.random.PRNGKey(5), (3, tiny_config.emb_dim), minval=-0.5, maxval=0.5)
+  params = dict(tiny_params, encoder=dict(tiny_params["encoder"],
+                                          prompt={"prompt": {"prompt": prompt}}))
+  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
+  optimizer = optimizers.prompt_tuning_adafactor()
+  return model, trainable, frozen, optimizer
+
+
+def test_freeze_mask_selects_the_prompt_and_split_merge_round_trips(setup):
+  _, trainable, frozen, _ = setup
+  assert list(freezing._flat(trainable)) == ["encoder/prompt/prompt/prompt"]
+  merged = freezing.merge(trainable, frozen)
+  assert len(freezing._flat(merged)) == len(freezing._flat(frozen)) + 1
+  with pytest.raises(ValueError, match="No parameter matches"):
+    freezing.freeze_mask(frozen)
+  with pytest.raises(ValueError, match="both trainable and frozen"):
+    freezing.merge(merged, frozen)
+  mask = freezing.freeze_mask(merged, (r"encoder/prompt/.*", r".*layer_norm/scale"))
+  assert sum(freezing._flat(mask).values()) == 1 + 2 * 2 + 3 * 2  # prompt + enc and dec norms
+
+
+def test_only_the_prompt_learns_and_only_it_has_optimizer_state(setup):
+  model, trainable, frozen, optimizer = setup
+  frozen_before = jax.tree_util.tree_map(np.array, frozen)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, optimizer=optimizer))
+  state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
+  batch = make_batch(model.config.vocab_size)
+  first_loss = None
+  for _ in range(20):
+    state, metrics = step(state, frozen, batch)
+    first_loss = first_loss if first_loss is not None else float(metrics["loss"])
+  assert int(state.step) == 20
+  assert float(metrics["loss"]) < 0.97 * first_loss  # the prompt alone lowers the loss
+  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, frozen_before)
+  prompt_size = 3 * model.config.emb_dim
+  for leaf in jax.tree_util.tree_leaves(state.opt_state):
+    assert np.size(leaf) <= prompt_size
+  assert not np.array_equal(state.trainable["encoder"]["prompt"]["prompt"]["prompt"],
+                            trainable["encoder"]["prompt"]["prompt"]["prompt"])
+
+
+def _count_dots(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+def test_backward_pass_skips_frozen_weight_gradients(setup):
+  model, trainable, frozen, _ = setup
+  batch = make_batch(model.config.vocab_size)
+
+  def loss(params):
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+    return losses.weighted_cross_entropy(logits, batch["decoder_target_tokens"],
+                                         batch["decoder_loss_weights"])[0]
+
+  prompt_only = _count_dots(jax.grad(lambda t: loss(freezing.merge(t, frozen))), trainable)
+  everything = _count_dots(jax.grad(loss), freezing.merge(trainable, frozen))
+  forward = _count_dots(loss, freezing.merge(trainable, frozen))
+  assert prompt_only < everything
+  assert everything - prompt_only >= forward - 4  # about one weight-gradient matmul per kernel
+
+
+def test_microbatches_sum_to_the_full_batch_gradient(setup):
+  model, trainable, frozen, optimizer = setup
+  batch = make_batch(model.config.vocab_size, seed=1)
+  results = {}
+  for micro in (1, 4):
+    for factor in (None, losses.NUM_REAL_TARGET_TOKENS):
+      step = jax.jit(functools.partial(
+          trainer.train_step, model=model, optimizer=optimizer, num_microbatches=micro,
+          loss_config=trainer.LossConfig(loss_normalizing_factor=factor)))
+      state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
+      results[micro, factor] = step(state, frozen, batch)
+  for factor in (None, losses.NUM_REAL_TARGET_TOKENS):
+    (s1, m1), (s4, m4) = results[1, factor], results[4, factor]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(s4.trainable["encoder"]["prompt"]["prompt"]["prompt"],
+                               s1.trainable["encoder"]["prompt"]["prompt"]["prompt"], atol=1e-6)
+  np.testing.assert_allclose(results[1, None][1]["loss"] / results[1, None][1]["real_tokens"],
+                             results[1, losses.NUM_REAL_TARGET_TOKENS][1]["loss"], rtol=1e-5)
+
+
+def test_cross_entropy_matches_optax_and_adds_z_loss():
+  rs = np.random.RandomState(0)
+  logits = jnp.asarray(rs.normal(size=(2, 3, 11)) * 3, jnp.float32)
+  targets = jnp.array([[1, 4, 0], [7, 2, 9]])
+  weights = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+  fn = jax.jit(losses.weighted_cross_entropy, static_argnames=("label_smoothing", "z_loss"))
+  loss, z = fn(logits, targets, weights, z_loss=0.0)
+  reference = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
+  np.testing.assert_allclose(loss, reference, rtol=1e-6)
+  assert float(z) == 0.0
+  loss_z, z = fn(logits, targets, weights, z_loss=1e-4)
+  log_z = jax.nn.logsumexp(logits, -1)
+  np.testing.assert_allclose(z, 1e-4 * jnp.sum(jnp.square(log_z) * weights), rtol=1e-6)
+  np.testing.assert_allclose(loss_z, reference + z, rtol=1e-6)
+  # Label smoothing: a model that predicts the smoothed distribution exactly scores 0.
+  smooth = 0.1
+  probs = jax.nn.one_hot(targets, 11) * (1 - smooth - smooth / 10) + smooth / 10
+  loss_ls, _ = fn(jnp.log(probs), targets, weights, label_smoothing=smooth, z_loss=0.0)
+  np.testing.assert_allclose(loss_ls, 0.0, atol=1e-5)
+  with pytest.raises(ValueError, match="loss_normalizing_factor='tokens'"):
+    losses.normalizing_factor("tokens", weights)
+
+
+def test_adafactor_step_offset_reproduces_t5x_decay():
+  """With step_offset, the second-moment decay is that of T5X resuming at 1.1M steps."""
+  grads = {"p": jnp.ones((2, 3))}
+  params = {"p": jnp.zeros((2, 3))}
+
+  def second_moment_after(grad_values, step_offset):
+    opt = optimizers.prompt_tuning_adafactor(step_offset=step_offset, weight_decay=0.0)
+    state = opt.init(params)
+    for g in grad_values:
+      _, state = opt.update({"p": grads["p"] * g}, state, params)
+    return float(state[0].v["p"][0, 0])
+
+  # Fresh: the first step's decay is 1 - 1 ** -0.8 = 0, so v is the newest squared gradient.
+  assert second_moment_after([1.0, 3.0], 0) == pytest.approx(
+      (1 - 2.0 ** -0.8) * 1.0 + 2.0 ** -0.8 * 9.0, rel=1e-5)
+  # Resumed at 1.1M: the first step keeps only 1.1e6 ** -0.8 of the new squared gradient (optax
+  # computes the decay in float32, hence the tolerance).
+  assert second_moment_after([1.0], 1_100_000) == pytest.approx(1_100_001.0 ** -0.8, rel=5e-3)
+
+
+def test_mesh_and_batch_checks_name_the_problem():
+  devices = jax.devices()
+  with pytest.raises(ValueError, match="needs 4 devices"):
+    partitioning.make_mesh((2, 2), devices[:1])
+  with pytest.raises(ValueError, match="does not divide the 1 devices"):
+    partitioning.make_mesh((-1, 3), devices[:1])
+  mesh = partitioning.make_mesh((-1, 1))
+  with pytest.raises(ValueError, match="BATCH_SIZE=6 does not divide into 1 data shards x 4"):
+    partitioning.check_batch_divides(6, mesh, 4)
