@@ -13,12 +13,12 @@ from prompt_tuning_jax import freezing, losses, network, optimizers, partitionin
 BATCH = 8
 
 
-def make_batch(vocab: int, seed: int = 0):
+def make_batch(vocab: int, seed: int = 0, batch: int = BATCH):
   rs = np.random.RandomState(seed)
-  inputs = rs.randint(2, vocab, (BATCH, 10)).astype(np.int32)
+  inputs = rs.randint(2, vocab, (batch, 10)).astype(np.int32)
   inputs[:, 7:] = 0
   inputs[:, 6] = 1
-  targets = rs.randint(2, vocab, (BATCH, 4)).astype(np.int32)
+  targets = rs.randint(2, vocab, (batch, 4)).astype(np.int32)
   targets[:, 2], targets[:, 3] = 1, 0
   return dict(encoder_input_tokens=inputs, decoder_target_tokens=targets,
               decoder_input_tokens=np.pad(targets, ((0, 0), (1, 0)))[:, :-1],

@@ -1,0 +1,227 @@
+"""Pure-Python readers for the original benchmark files.
+
+Each reader turns one file into examples with the same feature names, label ids and index fields
+as the TFDS version of the dataset (`super_glue`, `glue`, `mrqa`), so that one set of preprocessors
+serves both sources. Nothing here imports TensorFlow.
+"""
+import csv
+import gzip
+import io
+import json
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+Example = dict[str, Any]
+
+# Label names in TFDS class-id order.
+SUPER_GLUE_LABELS = {
+    "boolq": ("False", "True"),
+    "cb": ("entailment", "contradiction", "neutral"),
+    "copa": ("choice1", "choice2"),
+    "multirc": ("False", "True"),
+    "rte": ("entailment", "not_entailment"),
+    "wic": ("False", "True"),
+    "wsc.fixed": ("False", "True"),
+    "axb": ("entailment", "not_entailment"),
+    "axg": ("entailment", "not_entailment"),
+}
+GLUE_LABELS = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"),
+    "wnli": ("not_entailment", "entailment"),
+}
+# Text features of each GLUE task: TFDS name -> the tsv columns it may come from.
+_GLUE_COLUMNS = {
+    "cola": {"sentence": ("sentence",)},
+    "sst2": {"sentence": ("sentence", "text")},
+    "mrpc": {"sentence1": ("#1 String",), "sentence2": ("#2 String",)},
+    "qqp": {"question1": ("question1",), "question2": ("question2",)},
+    "stsb": {"sentence1": ("sentence1",), "sentence2": ("sentence2",)},
+    "mnli": {"premise": ("sentence1",), "hypothesis": ("sentence2",)},
+    "qnli": {"question": ("question",), "sentence": ("sentence",)},
+    "rte": {"sentence1": ("sentence1",), "sentence2": ("sentence2",)},
+    "wnli": {"sentence1": ("sentence1",), "sentence2": ("sentence2",)},
+}
+_GLUE_LABEL_COLUMNS = ("label", "gold_label", "Quality", "is_duplicate", "score")
+_SUPER_GLUE_TEXT_FEATURES = {
+    "boolq": ("question", "passage"),
+    "cb": ("premise", "hypothesis"),
+    "copa": ("premise", "choice1", "choice2", "question"),
+    "rte": ("premise", "hypothesis"),
+    "wic": ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"),
+    "axb": ("sentence1", "sentence2"),
+    "axg": ("premise", "hypothesis"),
+}
+
+
+def _open_text(path: str) -> io.TextIOBase:
+  """Opens a (possibly gzipped) UTF-8 file, dropping a byte-order mark."""
+  if path.endswith(".gz"):
+    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+  return open(path, encoding="utf-8-sig", newline="")
+
+
+def read_jsonl(path: str) -> Iterator[Example]:
+  """Yields the JSON object on each non-empty line of `path`."""
+  with _open_text(path) as f:
+    for line_number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          yield json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_number}: not a JSON line: {e}") from e
+
+
+def read_tsv(path: str, fieldnames: Optional[Sequence[str]] = None) -> Iterator[dict[str, str]]:
+  """Yields the rows of a GLUE-style tsv: tab separated, quote characters kept as text.
+
+  Args:
+    path: the file.
+    fieldnames: column names for a file without a header line; None reads them from the header.
+  """
+  with _open_text(path) as f:
+    yield from csv.DictReader(f, fieldnames=fieldnames, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def _label_id(label: Any, label_names: Sequence[str]) -> int:
+  """A label as its class id: a name, a bool, or an int (or its string)."""
+  if isinstance(label, bool):
+    return int(label)
+  if label in label_names:
+    return label_names.index(label)
+  if str(label).strip() in ("True", "False"):
+    return int(str(label).strip() == "True")
+  return int(label)
+
+
+def fix_wsc_spans(example: Example) -> Example:
+  """Makes WSC span texts substrings of the text, as TFDS `super_glue/wsc.fixed` does."""
+  for span in ("span1", "span2"):
+    span_text = example[f"{span}_text"]
+    if span_text in example["text"]:
+      continue
+    if span_text in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
+      continue  # The subjects have intervening text; nothing to fix.
+    first_word = example["text"].split()[example[f"{span}_index"]]
+    span_text = (span_text[0].lower() if first_word[0].islower() else span_text[0].upper()) + span_text[1:]
+    span_text = span_text.rstrip(".").replace("\n", " ")
+    if span_text not in example["text"]:
+      raise ValueError(f"WSC example {example['idx']}: span {span_text!r} is not in its text.")
+    example[f"{span}_text"] = span_text
+  return example
+
+
+def _record_examples(row: Mapping[str, Any]) -> Iterator[Example]:
+  """One example per ReCoRD query: sorted unique entity strings and answers."""
+  passage = row["passage"]
+  text = passage["text"]
+  # Entity offsets are inclusive at both ends.
+  entities = sorted({text[e["start"]:e["end"] + 1] for e in passage["entities"]})
+  for qa in row["qas"]:
+    yield {
+        "passage": text,
+        "query": qa["query"],
+        "entities": entities,
+        "answers": sorted({a["text"] for a in qa.get("answers", [])}),
+        "idx": {"passage": row["idx"], "query": qa["idx"]},
+    }
+
+
+def _multirc_examples(row: Mapping[str, Any]) -> Iterator[Example]:
+  """One example per MultiRC answer option."""
+  passage = row["passage"]
+  for question in passage["questions"]:
+    for answer in question["answers"]:
+      label = answer.get("label")
+      yield {
+          "paragraph": passage["text"],
+          "question": question["question"],
+          "answer": answer["text"],
+          "label": -1 if label is None else int(bool(label)),
+          "idx": {"paragraph": row["idx"], "question": question["idx"], "answer": answer["idx"]},
+      }
+
+
+def super_glue_examples(task: str, path: str) -> Iterator[Example]:
+  """Yields the examples of a SuperGLUE jsonl file in the TFDS `super_glue/<task>` format.
+
+  Args:
+    task: the TFDS config name: boolq, cb, copa, multirc, record, rte, wic, wsc.fixed, axb or axg.
+    path: the jsonl file (e.g. `RTE/val.jsonl` of the official download).
+  """
+  for row in read_jsonl(path):
+    if task == "record":
+      yield from _record_examples(row)
+    elif task == "multirc":
+      yield from _multirc_examples(row)
+    else:
+      if task == "wsc.fixed":
+        example = {k: row["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}
+        example["text"] = row["text"]
+        example["idx"] = row["idx"]
+        example = fix_wsc_spans(example)
+      else:
+        example = {name: row[name] for name in _SUPER_GLUE_TEXT_FEATURES[task]}
+        example["idx"] = row["idx"]
+      label = row.get("label")
+      example["label"] = -1 if label is None else _label_id(label, SUPER_GLUE_LABELS[task])
+      yield example
+
+
+def _first_column(row: Mapping[str, Optional[str]], columns: Sequence[str]) -> Optional[str]:
+  for column in columns:
+    if column in row:
+      return row[column]
+  raise KeyError(f"none of the columns {list(columns)} in row {dict(row)}")
+
+
+def glue_examples(task: str, path: str) -> Iterator[Example]:
+  """Yields the examples of a GLUE tsv file in the TFDS `glue/<task>` format.
+
+  Rows with missing fields (a few in QQP's train file) are skipped, as TFDS does.
+
+  Args:
+    task: the TFDS config name without the MNLI suffix: cola, sst2, mrpc, qqp, stsb, mnli, qnli,
+      rte or wnli.
+    path: the tsv file (e.g. `RTE/dev.tsv` of the official download).
+  """
+  with _open_text(path) as f:
+    first_line = f.readline()
+  # CoLA's train and dev files have no header: source, label, original label, sentence.
+  headerless_cola = task == "cola" and not first_line.startswith("index\t")
+  fieldnames = ("source", "label", "original_label", "sentence") if headerless_cola else None
+  for row_number, row in enumerate(read_tsv(path, fieldnames)):
+    example: Example = {
+        feature: _first_column(row, columns) for feature, columns in _GLUE_COLUMNS[task].items()
+    }
+    label = next((row[c] for c in _GLUE_LABEL_COLUMNS if c in row), "")
+    if None in example.values() or label is None:
+      continue
+    if task == "stsb":
+      example["label"] = float(label) if label else -1.0
+    else:
+      example["label"] = _label_id(label, GLUE_LABELS[task]) if label else -1
+    example["idx"] = row_number
+    yield example
+
+
+def mrqa_examples(path: str) -> Iterator[Example]:
+  """Yields one example per question of an MRQA jsonl(.gz) file, with or without its header.
+
+  The format is that of TFDS `mrqa`: `qid`, `context`, `question` (both stripped) and `answers`.
+  """
+  for row in read_jsonl(path):
+    if "header" in row:
+      continue
+    context = row["context"].strip()
+    for qa in row["qas"]:
+      yield {
+          "qid": qa["qid"],
+          "context": context,
+          "question": qa["question"].strip(),
+          "answers": list(qa["answers"]),
+      }

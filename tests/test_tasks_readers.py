@@ -1,0 +1,167 @@
+"""The original-file readers on the real files in ../shared/data (pure Python, no TensorFlow)."""
+import gzip
+import json
+import pathlib
+
+import pytest
+
+from prompt_tuning_jax.tasks import readers
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared data at {DATA_DIR}")
+
+
+def super_glue(task, directory, file_name="val.jsonl"):
+  return list(readers.super_glue_examples(task, str(DATA_DIR / "superglue" / directory / file_name)))
+
+
+def glue(task, relative_path):
+  return list(readers.glue_examples(task, str(DATA_DIR / "glue" / relative_path)))
+
+
+@pytest.mark.parametrize("task, directory, file_name, expected_rows", [
+    ("boolq", "BoolQ", "val.jsonl", 3270),
+    ("cb", "CB", "val.jsonl", 56),
+    ("copa", "COPA", "val.jsonl", 100),
+    ("rte", "RTE", "val.jsonl", 277),
+    ("wic", "WiC", "val.jsonl", 638),
+    ("wsc.fixed", "WSC", "val.jsonl", 104),
+    ("multirc", "MultiRC", "val.jsonl", 4848),
+    ("cb", "CB", "train_full.jsonl", 250),
+    ("rte", "RTE", "train_full.jsonl", 2490),
+    ("wsc.fixed", "WSC", "train_full.jsonl", 554),
+    ("copa", "COPA", "train_partial_368.jsonl", 368),
+    ("record", "ReCoRD", "val_excerpt_5rows.jsonl", 11),
+])
+def test_super_glue_files_load_completely(task, directory, file_name, expected_rows):
+  examples = super_glue(task, directory, file_name)
+  assert len(examples) == expected_rows
+  if task != "record":
+    label_count = len(readers.SUPER_GLUE_LABELS[task])
+    assert all(0 <= e["label"] < label_count for e in examples)
+
+
+@pytest.mark.parametrize("task, relative_path, expected_rows", [
+    ("sst2", "SST-2/dev.tsv", 872),
+    ("mrpc", "MRPC/dev.tsv", 408),
+    ("mrpc", "MRPC/train.tsv", 3668),
+    ("rte", "RTE/dev.tsv", 277),
+    ("qqp", "QQP/hf_dummy_excerpt/train_first3rows.tsv", 3),
+    ("qqp", "QQP/kshot/16-42.dev.tsv", 32),
+    ("mnli", "MNLI/kshot/16-42.train.tsv", 48),
+    ("mnli", "MNLI/hf_dummy_excerpt/dev_mismatched_first2rows.tsv", 2),
+])
+def test_glue_files_load_completely(task, relative_path, expected_rows):
+  examples = glue(task, relative_path)
+  assert len(examples) == expected_rows
+  assert [e["idx"] for e in examples] == list(range(expected_rows))
+  assert all(0 <= e["label"] < len(readers.GLUE_LABELS[task]) for e in examples)
+
+
+def test_superglue_fields_and_labels():
+  assert super_glue("cb", "CB")[0] == {
+      "premise": ("Valence the void-brain, Valence the virtuous valet. Why couldn't the figger "
+                  "choose his own portion of titanic anatomy to shaft? Did he think he was helping?"),
+      "hypothesis": "Valence was helping",
+      "idx": 0,
+      "label": 1,  # contradiction
+  }
+  copa = super_glue("copa", "COPA")[0]
+  assert (copa["question"], copa["label"]) == ("effect", 1)
+  assert super_glue("boolq", "BoolQ")[0]["label"] == 0  # false
+  assert super_glue("rte", "RTE")[1]["label"] == 0  # entailment
+
+
+def test_multirc_nested_passage_questions_answers():
+  examples = super_glue("multirc", "MultiRC")
+  first = examples[0]
+  assert first["question"] == ("Would the mass of a baseball affect how much force you have to "
+                               "use to pick it up?")
+  assert (first["answer"], first["label"]) == ("No", 0)
+  assert first["idx"] == {"paragraph": 0, "question": 0, "answer": 0}
+  assert first["paragraph"].startswith("What causes a change in motion? The application of a force.")
+  assert [(e["answer"], e["label"]) for e in examples[1:4]] == [
+      ("Yes", 1), ("Less the mass, less the force applied", 1),
+      ("It depends on the shape of the baseball", 0)]
+  assert len({e["idx"]["question"] for e in examples}) == 953
+
+
+def test_record_entities_and_multiple_answers():
+  first = super_glue("record", "ReCoRD", "val_excerpt_5rows.jsonl")[0]
+  assert first["entities"] == [
+      "Amy Schumer", "James", "Jimmy Mack", "McNair", "Miley Cyrus", "Morgan", "NBC", "New Jersey",
+      "New Jersey Turnpike", "Night Live", "SNL", "Season 41", "Tracy Morgan", "Twitter"]
+  assert first["answers"] == ["Morgan", "Tracy Morgan"]
+  assert first["idx"] == {"passage": 0, "query": 0}
+  assert first["query"].endswith("followed by @placeholder a week later.")
+
+
+def test_wsc_spans_are_fixed_like_tfds():
+  examples = {e["idx"]: e for e in super_glue("wsc.fixed", "WSC")}
+  assert examples[5]["span1_text"] == "the table"  # "The table" in the file.
+  assert examples[0]["span2_text"] == "him"
+  assert all(e["span1_text"] in e["text"] and e["span2_text"] in e["text"]
+             for e in examples.values())
+
+
+def test_tsv_byte_order_mark_quotes_and_sst2_text_header():
+  mrpc = glue("mrpc", "MRPC/dev.tsv")[0]
+  # The file starts with a BOM and its second sentence with an unbalanced quote.
+  assert mrpc == {
+      "sentence1": ("He said the foodservice pie business doesn't fit the company's long-term "
+                    "growth strategy."),
+      "sentence2": '"The foodservice pie business does not fit our long-term growth strategy.',
+      "label": 1,
+      "idx": 0,
+  }
+  assert glue("sst2", "SST-2/dev.tsv")[:2] == [
+      {"sentence": "it 's a charming and often affecting journey . ", "label": 1, "idx": 0},
+      {"sentence": "unflinchingly bleak and desperate ", "label": 0, "idx": 1},
+  ]
+
+
+def test_mnli_uses_gold_label():
+  first = glue("mnli", "MNLI/hf_dummy_excerpt/dev_matched_first2rows.tsv")[0]
+  assert first == {"premise": "The new rights are nice enough",
+                   "hypothesis": "Everyone really likes the newest benefits ",
+                   "label": 1, "idx": 0}  # neutral
+
+
+def test_headerless_cola_stsb_scores_and_corrupt_qqp_rows(tmp_path):
+  cola = tmp_path / "cola.tsv"
+  cola.write_text("gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n")
+  assert list(readers.glue_examples("cola", str(cola))) == [
+      {"sentence": "Our friends won't buy this analysis.", "label": 1, "idx": 0},
+      {"sentence": "They drank the pub.", "label": 0, "idx": 1}]
+  stsb = tmp_path / "stsb.tsv"
+  stsb.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
+                  "score\n0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man is dancing.\t"
+                  "A man dances.\t4.750\n")
+  assert list(readers.glue_examples("stsb", str(stsb))) == [
+      {"sentence1": "A man is dancing.", "sentence2": "A man dances.", "label": 4.75, "idx": 0}]
+  qqp = tmp_path / "qqp.tsv"
+  qqp.write_text("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+                 "1\t2\t3\tA broken row\n"
+                 "4\t5\t6\tWhy?\tHow?\t0\n")
+  assert [e["question1"] for e in readers.glue_examples("qqp", str(qqp))] == ["Why?"]
+
+
+def test_mrqa_with_and_without_header(tmp_path):
+  sample = DATA_DIR / "mrqa" / "NewsQA_sample" / "NewsQA_sample.jsonl"
+  without_header = list(readers.mrqa_examples(str(sample)))
+  assert len(without_header) == 17
+  assert without_header[0]["question"] == "What will be nominated?"
+  assert without_header[0]["answers"] == ["three different videos"]
+  assert without_header[0]["context"].startswith("(CNN) -- What could be more powerful")
+  with_header = tmp_path / "NewsQA.jsonl.gz"
+  with gzip.open(with_header, "wt", encoding="utf-8") as f:
+    f.write(json.dumps({"header": {"dataset": "NewsQA", "split": "dev"}}) + "\n")
+    f.write(sample.read_text(encoding="utf-8"))
+  assert list(readers.mrqa_examples(str(with_header))) == without_header
+
+
+def test_bad_json_line_names_the_file(tmp_path):
+  path = tmp_path / "val.jsonl"
+  path.write_text('{"premise": "a"}\nnot json\n')
+  with pytest.raises(ValueError, match=r"val.jsonl:2"):
+    list(readers.read_jsonl(str(path)))
