@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "numpy",
     "scikit-learn",
+    "scipy",
+    "tensorboard>=2.21,<2.22",
+    "tqdm",
 ]
 
 EXTRAS_REQUIRE = {
@@ -42,12 +45,17 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["prompt_tuning_jax", "prompt_tuning_jax.*"]),
     package_data={
-        "prompt_tuning_jax": ["assets/*", "gin_configs/**/*.gin"],
-        "prompt_tuning_jax.tasks": ["data/**/*"],
+        # `**/.zarray`: glob's `*` skips dot files, and zarr metadata is one.
+        "prompt_tuning_jax": ["assets/*", "gin_configs/**/*.gin", "demo_data/**/*",
+                              "demo_data/**/.zarray"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": [
+        "prompt-tuning-train=prompt_tuning_jax.train:main",
+        "prompt-tuning-eval=prompt_tuning_jax.eval:main",
+        "prompt-tuning-infer=prompt_tuning_jax.infer:main",
         "prompt-tuning-inspect=prompt_tuning_jax.inspect:main",
+        "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",
     ]},
 )

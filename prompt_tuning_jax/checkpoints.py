@@ -15,7 +15,8 @@ Formats (the `format` names `detect_format` returns):
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Iterator, Mapping, Optional
+import re
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -238,3 +239,82 @@ def _as_checkpoint_error(path: str) -> Iterator[None]:
     raise
   except (OSError, ValueError) as e:
     raise CheckpointError(f"Cannot read checkpoint {path}: {e}") from e
+
+
+def apply_assignment_map(params_from_checkpoint: Mapping[str, Any], target_shapes: Mapping[str, Any],
+                         assignment_map: Sequence[tuple[str, Optional[str]]],
+                         fallback_to_scratch: bool = False) -> tuple[dict[str, Any], list[str]]:
+  """Picks the checkpoint's parameter for each target path, like T5X's `assignment_map`.
+
+  Each rule `(target_regex, source)` applies to the `/`-joined target paths its regex full-matches
+  (the first matching rule wins): a `None` source leaves the target to be initialised from scratch;
+  otherwise the source is the match expanded by `source` (`\\1`, `\\g<name>` refer to groups).
+  Targets matching no rule load from the same path.
+
+  Args:
+    params_from_checkpoint: the checkpoint's parameters, nested or flat (`{'a/b': array}`).
+    target_shapes: the model's parameters, nested or flat; leaves are shapes or arrays.
+    assignment_map: `(target_regex, source pattern or None)` pairs.
+    fallback_to_scratch: initialise targets whose source the checkpoint lacks from scratch instead
+      of raising (T5X's `fallback_to_scratch`).
+
+  Returns:
+    (params, missing): flat `{target path: array}` of the loaded parameters, and the sorted target
+    paths left for initialisation from scratch (e.g. `encoder/prompt/prompt/prompt`).
+
+  Raises:
+    CheckpointError: a rule matches no target, a source is missing (without `fallback_to_scratch`),
+      or a source's shape differs from its target's.
+  """
+  source, targets = flatten(params_from_checkpoint), _shapes(target_shapes)
+  rules = [(re.compile(pattern), replacement) for pattern, replacement in assignment_map]
+  unused = [pattern.pattern for pattern, _ in rules
+            if not any(pattern.fullmatch(name) for name in targets)]
+  if unused:
+    raise CheckpointError(f"Assignment map rules match no parameter of the model: {unused} (it has "
+                          f"{_preview(targets)}). Rules full-match `/`-joined paths.")
+  params, missing, absent, misshapen = {}, [], [], []
+  for name, shape in targets.items():
+    match, replacement = next(((m, r) for m, r in ((p.fullmatch(name), r) for p, r in rules) if m),
+                              (None, name))
+    if replacement is None:
+      missing.append(name)
+      continue
+    source_name = match.expand(replacement) if match else name
+    if source_name not in source:
+      if fallback_to_scratch:
+        missing.append(name)
+      else:
+        absent.append(f"{name}: its source {source_name} is missing from the checkpoint")
+    elif tuple(np.shape(source[source_name])) != shape:
+      misshapen.append(f"{name}: the checkpoint's {source_name} has shape "
+                       f"{tuple(np.shape(source[source_name]))} but the model expects {shape}")
+    else:
+      params[name] = source[source_name]
+  if absent or misshapen:
+    problems = misshapen + absent
+    raise CheckpointError(
+        f"The assignment map does not fit the checkpoint ({len(problems)} problem(s)):\n  "
+        + "\n  ".join(problems[:2 * _MAX_REPORTED])
+        + (f"\n  ... and {len(problems) - 2 * _MAX_REPORTED} more" if len(problems) > 2 * _MAX_REPORTED
+           else "")
+        + "\nMap such targets to another source, to None (initialise from scratch), or pass "
+          "fallback_to_scratch=True.")
+  return params, sorted(missing)
+
+
+def read_variable(path: str, name: str, dtype: Any = jnp.float32) -> np.ndarray:
+  """One parameter (a `/`-joined path) of a T5X or Hugging Face checkpoint, cast to `dtype`.
+
+  Of a T5X checkpoint only that array is read. `read_shapes` lists the names.
+
+  Raises:
+    CheckpointError: the checkpoint is missing or unreadable.
+    KeyError: it has no parameter `name`.
+  """
+  fmt = detect_format(path)
+  with _as_checkpoint_error(path):
+    if fmt == HUGGINGFACE:
+      return hf_checkpoint.read_arrays(path, dtype)[name]
+    leaf = t5x_checkpoint.read_leaves(path)[name]
+    return t5x_checkpoint.read_arrays({name: leaf}, dtype)[name]

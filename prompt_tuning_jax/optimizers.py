@@ -15,8 +15,9 @@ def prompt_tuning_adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
                             multiply_by_parameter_scale: bool = False
                             ) -> optax.GradientTransformation:
   """Adafactor as in the paper: lr 0.3 constant, decay 0.8, weight decay 1e-5, update clipping 1."""
-  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
-                         decay_offset=-step_offset,
-                         multiply_by_parameter_scale=multiply_by_parameter_scale,
-                         clipping_threshold=clipping_threshold,
-                         weight_decay_rate=weight_decay or None)
+  # inject_hyperparams keeps the learning rate in the optimizer state, where the trainer logs it.
+  return optax.inject_hyperparams(optax.adafactor, static_args=(
+      "multiply_by_parameter_scale", "weight_decay_rate", "min_dim_size_to_factor", "factored"))(
+          learning_rate=learning_rate, decay_rate=decay_rate, decay_offset=-step_offset,
+          multiply_by_parameter_scale=multiply_by_parameter_scale,
+          clipping_threshold=clipping_threshold, weight_decay_rate=weight_decay or None)

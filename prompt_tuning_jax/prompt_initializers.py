@@ -126,12 +126,21 @@ def from_array(array, name: str = "from_array") -> Initializer:
   return init
 
 
-def from_npy(path: str) -> Initializer:
-  """A prompt saved with `numpy.save` (e.g. the official code's `numpy_checkpoints/...` files)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"from_npy: no prompt file at {path!r} (PROMPT_FILE).")
+def load_prompt_file(path: str) -> np.ndarray:
+  """A prompt saved with `numpy.save` (with or without `.npy`, e.g. the official code's
+  `numpy_checkpoints/checkpoint_N/encoder.prompt.prompt.prompt`): a float `[length, embed]` array."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No prompt file at {path!r} (PROMPT_FILE).")
   try:
     array = np.load(path, allow_pickle=False)
   except ValueError as e:
-    raise ValueError(f"from_npy: {path!r} is not a numpy .npy array: {e}") from None
-  return from_array(array, name=f"from_npy({path!r})")
+    raise ValueError(f"PROMPT_FILE {path!r} is not a numpy .npy array: {e}") from None
+  if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+    raise ValueError(f"PROMPT_FILE {path!r} holds a {array.dtype} array of shape {array.shape}; a "
+                     "prompt is a float [prompt_length, embed_dim] array.")
+  return array
+
+
+def from_npy(path: str) -> Initializer:
+  """The prompt in a numpy file (see `load_prompt_file`); the model's shape must be the file's."""
+  return from_array(load_prompt_file(path), name=f"from_npy({path!r})")

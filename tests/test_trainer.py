@@ -144,7 +144,7 @@ def test_adafactor_step_offset_reproduces_t5x_decay():
     state = opt.init(params)
     for g in grad_values:
       _, state = opt.update({"p": grads["p"] * g}, state, params)
-    return float(state[0].v["p"][0, 0])
+    return float(state.inner_state[0].v["p"][0, 0])
 
   # Fresh: the first step's decay is 1 - 1 ** -0.8 = 0, so v is the newest squared gradient.
   assert second_moment_after([1.0, 3.0], 0) == pytest.approx(

@@ -1,0 +1,135 @@
+"""Evaluation through seqio: the task's own postprocessors and metrics over our predictions and scores.
+
+`Predictor` turns a frozen model plus a prompt into seqio's `predict_fn` (decoded tokens) and `score_fn`
+(log-likelihood of the targets). Batches are padded to one fixed size so each function compiles once.
+`make_evaluator` builds a `seqio.Evaluator` that writes metrics to TensorBoard and, with predictions,
+to JSON lines under `log_dir`.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+import seqio
+
+from prompt_tuning_jax import decoding, freezing, scoring
+from prompt_tuning_jax.network import T5
+
+DECODING_METHODS = ("greedy", "beam_search", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingConfig:
+  """How `predict` decodes: `greedy`, `beam_search` (beam_size, alpha) or `sample` (temperature,
+  top_k, top_p, seed). `max_decode_length` defaults to the task's target length."""
+  method: str = "greedy"
+  beam_size: int = 4
+  alpha: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  max_decode_length: Optional[int] = None
+
+  def __post_init__(self):
+    if self.method not in DECODING_METHODS:
+      raise ValueError(f"Unknown decoding method {self.method!r}; use one of {DECODING_METHODS}.")
+
+
+def _padded_batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict, int]]:
+  """Yields (indices, features padded to `batch_size` rows, real rows) from seqio's (index, features)."""
+  for indices, features in dataset.batch(batch_size).as_numpy_iterator():
+    real = len(indices)
+    pad = lambda x: np.pad(x, [(0, batch_size - real)] + [(0, 0)] * (x.ndim - 1))
+    yield indices, {k: pad(v) for k, v in features.items()}, real
+
+
+class Predictor:
+  """seqio `predict_fn`/`score_fn` for `model` with frozen params and the current trainable subtree."""
+
+  def __init__(self, model: T5, frozen, batch_size: int,
+               decoding_config: DecodingConfig = DecodingConfig()):
+    self.model, self.frozen, self.batch_size = model, frozen, batch_size
+    self.decoding_config = decoding_config
+    self.trainable: Any = {}
+    self._decoders: dict[int, Callable] = {}
+    self._score = jax.jit(lambda t, f, inputs, targets: scoring.score(
+        model, freezing.merge(t, f), inputs, targets))
+
+  def _decoder(self, max_length: int) -> Callable:
+    if max_length not in self._decoders:
+      cfg, model = self.decoding_config, self.model
+      if cfg.method == "greedy":
+        fn = functools.partial(decoding.greedy_decode, model, max_decode_length=max_length)
+        run = lambda params, inputs: fn(params, inputs)[0]
+      elif cfg.method == "beam_search":
+        fn = functools.partial(decoding.beam_search, model, max_decode_length=max_length,
+                               beam_size=cfg.beam_size, alpha=cfg.alpha)
+        run = lambda params, inputs: fn(params, inputs)[0][:, 0]
+      else:
+        fn = functools.partial(decoding.temperature_sample, model, max_decode_length=max_length,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        key = jax.random.PRNGKey(cfg.seed)
+        run = lambda params, inputs: fn(params, inputs, key)[0]
+      self._decoders[max_length] = jax.jit(
+          lambda t, f, inputs: run(freezing.merge(t, f), inputs))
+    return self._decoders[max_length]
+
+  def predict_fn(self, dataset) -> list[tuple[int, list[int]]]:
+    """seqio's predict_fn: (index, decoded token ids without padding) per example."""
+    outputs = []
+    for indices, features, real in _padded_batches(dataset, self.batch_size):
+      max_length = (self.decoding_config.max_decode_length
+                    or features["decoder_target_tokens"].shape[1])
+      tokens = np.asarray(self._decoder(max_length)(self.trainable, self.frozen,
+                                                    features["encoder_input_tokens"]))
+      outputs.extend((int(i), [int(t) for t in row if t != 0]) for i, row in
+                     zip(indices, tokens[:real]))
+    return outputs
+
+  def score_fn(self, dataset) -> list[tuple[int, float]]:
+    """seqio's score_fn: (index, log-likelihood of the targets) per example."""
+    outputs = []
+    for indices, features, real in _padded_batches(dataset, self.batch_size):
+      scores = np.asarray(self._score(self.trainable, self.frozen, features["encoder_input_tokens"],
+                                      features["decoder_target_tokens"]))
+      outputs.extend((int(i), float(s)) for i, s in zip(indices, scores[:real]))
+    return outputs
+
+
+def make_evaluator(mixture_or_task_name: str, feature_lengths: Mapping[str, int],
+                   split: str = "validation", log_dir: Optional[str] = None,
+                   num_examples: Optional[int] = None, write_predictions: bool = True
+                   ) -> seqio.Evaluator:
+  """A seqio Evaluator over `split` (unpacked, T5X's encoder-decoder features)."""
+  loggers = []
+  if log_dir is not None:
+    loggers.append(seqio.TensorBoardLogger)
+    if write_predictions:
+      loggers.append(seqio.JSONLogger)
+  return seqio.Evaluator(
+      mixture_or_task_name=mixture_or_task_name,
+      feature_converter=seqio.EncDecFeatureConverter(pack=False),
+      eval_split=split, sequence_length=dict(feature_lengths), num_examples=num_examples,
+      logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False)
+
+
+def evaluate(evaluator: seqio.Evaluator, predictor: Predictor,
+             step: int) -> dict[str, dict[str, float]]:
+  """Runs one evaluation; returns `{task: {metric: value}}`.
+
+  seqio calls `predict_fn` and/or `score_fn`, as the task's metric functions ask: prediction metrics
+  (accuracy, F1, ...) decode, score metrics (e.g. rank classification, perplexity) score the targets.
+  """
+  all_metrics, _ = evaluator.evaluate(compute_metrics=jax.process_index() == 0, step=step,
+                                      predict_fn=predictor.predict_fn, score_fn=predictor.score_fn)
+  results = all_metrics.result() if all_metrics is not None else {}
+  return {task: {name: _scalar(value) for name, value in metrics.items()}
+          for task, metrics in (results or {}).items()}
+
+
+def _scalar(value) -> Any:
+  """seqio metric values may be wrapped (`seqio.metrics.Scalar`); return plain numbers."""
+  return float(getattr(value, "value", value)) if np.ndim(getattr(value, "value", value)) == 0 \
+      else getattr(value, "value", value)

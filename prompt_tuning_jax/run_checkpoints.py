@@ -1,0 +1,276 @@
+"""Checkpoints of a prompt-tuning run: what resumes it, the prompt as numpy, the best prompt so far.
+
+A run's MODEL_DIR holds:
+  run_config.json                          its settings, checked on every start (`check_run_config`).
+  checkpoints/N/                           orbax, step N: `state` (the `TrainState`: prompt, optimizer
+                                           state, step, rng) and `data_position` (JSON); the last K.
+  numpy_checkpoints/checkpoint_N/NAME      each trainable variable at step N, `np.save`d without a
+                                           suffix; NAME is its dotted path, as in the official code:
+                                           `encoder.prompt.prompt.prompt`.
+  best -> .best-XXXX/                      the best prompt so far: numpy files and `best.json`.
+
+The frozen model is never saved: a resumed run re-reads it from its initial checkpoint, so a checkpoint
+of an XXL run is megabytes. Every write is atomic (a temporary name, then a rename) and nothing is
+overwritten: a save of a step that exists is refused.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax.checkpoints import CheckpointError
+
+RUN_CONFIG_FILE = "run_config.json"
+CHECKPOINTS_DIR = "checkpoints"
+NUMPY_DIR = "numpy_checkpoints"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+STATE_ITEM = "state"
+DATA_POSITION_ITEM = "data_position"
+
+
+def numpy_file_name(path: str) -> str:
+  """The official numpy file name of a `/`-joined variable path: `encoder.prompt.prompt.prompt`."""
+  return path.replace("/", ".")
+
+
+def check_run_config(model_dir: str, run_config: Mapping[str, Any],
+                     mutable_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+  """Records the run's settings on its first start; on later starts, checks they are the same.
+
+  Call it before any other work: on a mismatch nothing in `model_dir` has been written.
+
+  Args:
+    model_dir: the run's MODEL_DIR.
+    run_config: a JSON-serialisable dict of the settings that define the run.
+    mutable_keys: keys that may change between starts (e.g. `train_steps`, `eval_period`).
+
+  Returns:
+    `{key: (old, new)}` of the mutable keys that changed (the stored file keeps the first values).
+
+  Raises:
+    ValueError: `model_dir` holds a run with other settings (each differing key is named with its
+      old and new value), or holds checkpoints but no `run_config.json`.
+  """
+  new = json.loads(json.dumps(dict(run_config), sort_keys=True))
+  filename = os.path.join(model_dir, RUN_CONFIG_FILE)
+  if not os.path.exists(filename):
+    if os.path.isdir(os.path.join(model_dir, CHECKPOINTS_DIR)):
+      raise ValueError(f"{model_dir} holds checkpoints but no {RUN_CONFIG_FILE}, so its settings "
+                       "cannot be checked. Use a new MODEL_DIR.")
+    if jax.process_index() == 0:
+      os.makedirs(model_dir, exist_ok=True)
+      _create_atomically(filename, json.dumps(new, indent=2, sort_keys=True).encode())
+    return {}
+  with open(filename) as f:
+    old = json.load(f)
+  absent = "<absent>"
+  changed = {key: (old.get(key, absent), new.get(key, absent))
+             for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)}
+  refused = {key: values for key, values in changed.items() if key not in mutable_keys}
+  if refused:
+    lines = "\n".join(f"  {key}: {old_value!r} in the run, {new_value!r} now"
+                      for key, (old_value, new_value) in refused.items())
+    raise ValueError(
+        f"{model_dir} holds a run with different settings ({filename}):\n{lines}\nUse a new MODEL_DIR "
+        f"for these settings, or the run's settings to resume it (only {sorted(mutable_keys)} may "
+        "change).")
+  return changed
+
+
+class RunCheckpointer:
+  """Saves and restores a run's `TrainState` and data position in `MODEL_DIR/checkpoints`.
+
+  Saves are synchronous: when `save` returns, the checkpoint and the numpy files are complete.
+  Call `save`, `restore` and `save_best_prompt` on every process; orbax coordinates the hosts and
+  only process 0 writes the numpy files.
+  """
+
+  def __init__(self, model_dir: str, keep: int = 3):
+    """`keep`: how many of the latest checkpoints to keep (the numpy prompts are all kept)."""
+    self.model_dir = model_dir
+    self.directory = os.path.join(model_dir, CHECKPOINTS_DIR)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
+    self._best = _read_best(os.path.join(model_dir, BEST_DIR))
+
+  def all_steps(self) -> list[int]:
+    """The steps of the complete checkpoints, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    """The step of the latest complete checkpoint, or None if there is none."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_position: Mapping[str, Any]) -> None:
+    """Saves `state` (a `TrainState`) and `data_position` (a small JSON dict) as step `step`.
+
+    Also writes each leaf of `state.trainable` to `numpy_checkpoints/checkpoint_{step}/`. Deletes
+    the oldest checkpoint beyond `keep`.
+
+    Raises:
+      CheckpointError: step `step` (or its numpy directory) exists already; nothing is written.
+    """
+    step = int(step)
+    numpy_dir = os.path.join(self.model_dir, NUMPY_DIR, f"checkpoint_{step}")
+    if step in self.all_steps() or os.path.exists(numpy_dir):
+      raise CheckpointError(f"Step {step} exists already in {self.model_dir} ({self.directory}/{step} "
+                            f"or {numpy_dir}); checkpoints are never overwritten. Resume from the "
+                            "latest checkpoint instead of saving this step again.")
+    arrays = _host_arrays(state.trainable)
+    self._manager.save(step, force=True, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(state),
+           DATA_POSITION_ITEM: ocp.args.JsonSave(dict(data_position))}))
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(numpy_dir), exist_ok=True)
+      _write_numpy_dir(numpy_dir, arrays)
+
+  def restore(self, step: Optional[int] = None, *, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, data_position) of step `step` (None: the latest).
+
+    Args:
+      step: the step to restore; None for the latest.
+      abstract_state: the state's structure: a fresh `TrainState`, or `jax.eval_shape` of one
+        (`jax.ShapeDtypeStruct` leaves, with shardings to place the arrays). The restored state has
+        its pytree structure (optax's named tuples included) and the saved values, bit for bit.
+
+    Raises:
+      CheckpointError: there is no such checkpoint, or it is unreadable or does not fit the state.
+    """
+    steps = self.all_steps()
+    if step is None and not steps:
+      raise CheckpointError(f"No checkpoint to resume from in {self.directory}; start the run from "
+                            "scratch.")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise CheckpointError(f"No checkpoint of step {step} in {self.directory}: it has steps {steps}.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+             DATA_POSITION_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # orbax and tensorstore raise many unrelated types.
+      earlier = [s for s in steps if s < step]
+      raise CheckpointError(
+          f"Cannot restore checkpoint {self.directory}/{step} (corrupt, incomplete, or of a run with "
+          f"another config): {type(e).__name__}: {e}\nMove that directory out of {self.directory} "
+          + (f"to resume from step {earlier[-1]}" if earlier else "to start from scratch")
+          + ", or use a new MODEL_DIR.") from e
+    return restored[STATE_ITEM], restored[DATA_POSITION_ITEM]
+
+  def best_metric(self) -> Optional[dict[str, Any]]:
+    """`{'step': ..., 'metric': ..., 'value': ...}` of the best prompt saved, or None."""
+    return self._best
+
+  def save_best_prompt(self, step: int, trainable: Any, metric_name: str, value: float,
+                       higher_is_better: bool = True) -> bool:
+    """Makes `trainable` the best prompt if `value` of `metric_name` beats the best so far.
+
+    Writes `MODEL_DIR/best/` (a link swapped atomically to a new directory holding the numpy
+    files and `best.json`), so a reader sees the old best or the new one, never a mix.
+
+    Returns:
+      Whether `trainable` is the new best. A NaN value never is.
+
+    Raises:
+      ValueError: the best so far was chosen by another metric.
+    """
+    if self._best is not None and self._best["metric"] != metric_name:
+      raise ValueError(f"The best prompt in {self.model_dir}/{BEST_DIR} was chosen by "
+                       f"{self._best['metric']!r}, not {metric_name!r}; keep one metric per run.")
+    value = float(value)
+    best = None if self._best is None else self._best["value"]
+    if math.isnan(value) or (best is not None and
+                             (value <= best if higher_is_better else value >= best)):
+      return False
+    arrays = _host_arrays(trainable)
+    self._best = {"step": int(step), "metric": metric_name, "value": value}
+    if jax.process_index() == 0:
+      _replace_best(self.model_dir, arrays, self._best)
+    return True
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _host_arrays(trainable: Any) -> dict[str, np.ndarray]:
+  """`{dotted path: numpy array}` of the leaves; arrays spread over hosts are gathered."""
+  def to_numpy(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+  return {numpy_file_name(path): to_numpy(leaf)
+          for path, leaf in checkpoints.flatten(trainable).items()}
+
+
+def _write_numpy_files(directory: str, arrays: Mapping[str, np.ndarray]) -> None:
+  for name, array in arrays.items():
+    with open(os.path.join(directory, name), "wb") as f:  # A handle: np.save adds no `.npy`.
+      np.save(f, array, allow_pickle=False)
+
+
+def _write_numpy_dir(directory: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Creates `directory` holding one numpy file per array, atomically (built aside, then renamed)."""
+  parent, name = os.path.split(directory)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    _write_numpy_files(tmp, arrays)
+    os.rename(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_best(model_dir: str, arrays: Mapping[str, np.ndarray], best: dict[str, Any]) -> None:
+  """Points `model_dir/best` at a new directory of `arrays` and `best.json`; deletes the old one."""
+  link = os.path.join(model_dir, BEST_DIR)
+  old_target = os.path.realpath(link) if os.path.islink(link) else None
+  new_target = tempfile.mkdtemp(prefix=f".{BEST_DIR}-", dir=model_dir)
+  tmp_link = f"{new_target}.link"
+  try:
+    _write_numpy_files(new_target, arrays)
+    with open(os.path.join(new_target, BEST_FILE), "w") as f:
+      json.dump(best, f, indent=2)
+    os.symlink(os.path.basename(new_target), tmp_link)
+    os.replace(tmp_link, link)
+  except BaseException:
+    shutil.rmtree(new_target, ignore_errors=True)
+    raise
+  finally:
+    if os.path.lexists(tmp_link):
+      os.remove(tmp_link)
+  if old_target:
+    shutil.rmtree(old_target, ignore_errors=True)
+
+
+def _read_best(best_dir: str) -> Optional[dict[str, Any]]:
+  filename = os.path.join(best_dir, BEST_FILE)
+  if not os.path.exists(filename):
+    return None
+  with open(filename) as f:
+    return json.load(f)
+
+
+def _create_atomically(filename: str, data: bytes) -> None:
+  """Writes `filename` complete under a temporary name, then links it into place.
+
+  Raises:
+    FileExistsError: `filename` exists (e.g. written meanwhile by another start); it is kept.
+  """
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.tmp-",
+                             dir=os.path.dirname(filename) or ".")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.link(tmp, filename)
+  finally:
+    os.remove(tmp)

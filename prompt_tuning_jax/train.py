@@ -1,0 +1,321 @@
+"""Train a soft prompt on a frozen T5: the loop behind `python -m prompt_tuning_jax.train`.
+
+`train()` is plain Python (gin binds its arguments at the entry point, `main`): it loads the frozen model
+from INITIAL_CHECKPOINT_PATH, builds the prompt, shards both over a `(data, model)` mesh, streams the
+seqio task, runs the compiled train step, evaluates every `eval_period` steps, and saves the resume state
+(prompt, optimizer state, step, data position) plus the prompt as numpy. Restarting the same command
+resumes from the latest checkpoint and reaches the same prompt as an uninterrupted run.
+"""
+import dataclasses
+import inspect
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import seqio
+
+from prompt_tuning_jax import (checkpoints, evaluation, freezing, metrics_logging, optimizers,
+                               partitioning, prompt_initializers, prompts, run_checkpoints, trainer)
+from prompt_tuning_jax.config import T5Config
+from prompt_tuning_jax.network import T5
+
+logger = logging.getLogger("prompt_tuning_jax")
+
+# Settings a resumed run may change; any other difference from the run in MODEL_DIR is an error.
+MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
+                        "log_period", "eval_num_examples")
+
+
+def build_prompt_init(factory: Callable[..., prompts.Initializer], embedding: np.ndarray,
+                      vocabulary: seqio.Vocabulary) -> prompts.Initializer:
+  """Calls an initialiser factory, handing it the frozen embedding and the task's vocabulary where
+  it takes them (`from_class_labels`, `from_sampled_vocab`, `from_string`), nothing otherwise."""
+  accepted = inspect.signature(factory).parameters
+  kwargs = {name: value for name, value in (("embedding", embedding), ("vocabulary", vocabulary))
+            if name in accepted}
+  return factory(**kwargs)
+
+
+def task_vocabulary(name: str) -> seqio.Vocabulary:
+  try:
+    task = seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    raise ValueError(f"MIXTURE_OR_TASK_NAME {name!r} is not registered ({e}). Import the module "
+                     "that registers it with --gin.MIXTURE_OR_TASK_MODULE=\"'my.tasks'\".") from None
+  return task.output_features["targets"].vocabulary
+
+
+def check_feature_lengths(feature_lengths: Mapping[str, int], prompt_length: int,
+                          max_encoder_length: Optional[int]):
+  """TASK_FEATURE_LENGTHS needs positive `inputs` and `targets`; with the prompt, the encoder's
+  length (inputs + PROMPT_LENGTH) must fit `max_encoder_length` when one is set."""
+  for key in ("inputs", "targets"):
+    if not isinstance(feature_lengths.get(key), int) or feature_lengths[key] <= 0:
+      raise ValueError(f"TASK_FEATURE_LENGTHS must give a positive int for {key!r}, got "
+                       f"{dict(feature_lengths)}; e.g. {{'inputs': 512, 'targets': 8}}.")
+  if max_encoder_length is not None and feature_lengths["inputs"] + prompt_length > max_encoder_length:
+    raise ValueError(
+        f"TASK_FEATURE_LENGTHS['inputs']={feature_lengths['inputs']} plus PROMPT_LENGTH={prompt_length} "
+        f"is {feature_lengths['inputs'] + prompt_length}, more than max_encoder_length="
+        f"{max_encoder_length}; shorten the inputs to {max_encoder_length - prompt_length} or less.")
+
+
+def place_on_mesh(tree, shardings):
+  """Puts host numpy arrays on the mesh (each process holds the full arrays)."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def _run_settings(**settings) -> dict[str, Any]:
+  """JSON-able settings that identify a run, for `run_config.json`."""
+  def plain(value):
+    if dataclasses.is_dataclass(value):
+      return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+      return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+      return value
+    return str(jnp.dtype(value))  # the only other kind of setting: a dtype
+  return {k: plain(v) for k, v in settings.items()}
+
+
+def check_initial_checkpoint(path: str):
+  """A local INITIAL_CHECKPOINT_PATH must exist (remote ones are checked when read)."""
+  if "://" not in path and not os.path.exists(path):
+    raise checkpoints.CheckpointError(
+        f"INITIAL_CHECKPOINT_PATH {path!r} does not exist; give a T5X checkpoint directory or a "
+        "Hugging Face T5 directory.")
+
+
+def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional[str],
+                       assignment_map: Sequence[tuple[str, Optional[str]]] = (),
+                       rng: Optional[jax.Array] = None) -> dict[str, np.ndarray]:
+  """The frozen model's flat `{path: array}` params from INITIAL_CHECKPOINT_PATH.
+
+  Every parameter must match `model_config`; with an `assignment_map` (T5X's (target regex, source or
+  None) pairs) unmatched or skipped parameters start from scratch. With no path, the whole model is
+  random (demos and tests).
+  """
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  tokens = jnp.ones((1, 1), jnp.int32)
+  scratch = lambda: checkpoints.flatten(nn.unbox(jax.jit(T5(model_config).init)(
+      rng, tokens, tokens))["params"])
+  if initial_checkpoint_path is None:
+    return scratch()
+  check_initial_checkpoint(initial_checkpoint_path)
+  if not assignment_map:
+    return checkpoints.flatten(
+        checkpoints.load_checkpoint(initial_checkpoint_path, config=model_config)[1])
+  _, raw = checkpoints.load_checkpoint(initial_checkpoint_path)
+  loaded, missing = checkpoints.apply_assignment_map(
+      checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
+  if missing:
+    logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
+    fresh = scratch()
+    loaded.update({path: fresh[path] for path in missing})
+  return loaded
+
+
+def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+          train_steps: int, batch_size: int, model_config: T5Config, prompt_length: int,
+          initial_checkpoint_path: Optional[str] = None,
+          prompt_init: Callable[..., prompts.Initializer] = prompt_initializers.random_uniform,
+          prompt_combine: str = "prefix",
+          assignment_map: Sequence[tuple[str, Optional[str]]] = (),
+          trainable_patterns: Sequence[str] = freezing.PROMPT_ONLY,
+          optimizer: Optional[optax.GradientTransformation] = None,
+          loss_config: trainer.LossConfig = trainer.LossConfig(),
+          mesh_shape: Sequence[int] = (-1, 1), num_microbatches: int = 1,
+          eval_period: int = 0, eval_split: str = "validation",
+          eval_mixture_or_task_name: Optional[str] = None, eval_num_examples: Optional[int] = None,
+          decoding_config: evaluation.DecodingConfig = evaluation.DecodingConfig(),
+          best_metric: Optional[str] = None, best_higher_is_better: bool = True,
+          checkpoint_period: Optional[int] = None, keep_checkpoints: int = 3,
+          log_period: int = 10, seed: int = 0, shuffle: bool = True, use_cached: bool = False,
+          max_encoder_length: Optional[int] = None,
+          progress_bar: Optional[bool] = None) -> dict[str, Any]:
+  """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
+
+  Args mirror T5X's macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS,
+  BATCH_SIZE (global), INITIAL_CHECKPOINT_PATH (None: a random frozen model, for demos and tests),
+  PROMPT_LENGTH. `prompt_init` is an initialiser factory (e.g. `prompt_initializers.from_class_labels`
+  with its `class_labels` bound); `best_metric` names an eval metric (`"accuracy"`) whose best value
+  keeps its prompt in `MODEL_DIR/best`. Everything is checked before anything is written.
+  """
+  # ---- Check everything that can be checked before any work. ----
+  check_feature_lengths(task_feature_lengths, prompt_length, max_encoder_length)
+  if train_steps <= 0 or batch_size <= 0:
+    raise ValueError(f"TRAIN_STEPS and BATCH_SIZE must be positive, got {train_steps}, {batch_size}.")
+  vocabulary = task_vocabulary(mixture_or_task_name)
+  eval_name = eval_mixture_or_task_name or mixture_or_task_name
+  if eval_period:
+    task_vocabulary(eval_name)
+  mesh = partitioning.make_mesh(mesh_shape)
+  partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
+  if batch_size % jax.process_count():
+    raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
+  if initial_checkpoint_path is not None:
+    check_initial_checkpoint(initial_checkpoint_path)
+  optimizer = optimizer or optimizers.prompt_tuning_adafactor()
+  run_checkpoints.check_run_config(model_dir, _run_settings(
+      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+      train_steps=train_steps, batch_size=batch_size, model_config=model_config,
+      prompt_length=prompt_length, prompt_combine=prompt_combine,
+      initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
+      loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,
+      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, log_period=log_period,
+      eval_num_examples=eval_num_examples, seed=seed), mutable_keys=MUTABLE_RUN_SETTINGS)
+
+  # ---- The frozen model and the prompt. ----
+  rng = jax.random.PRNGKey(seed)
+  init_rng, prompt_rng, state_rng = jax.random.split(rng, 3)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  loaded = load_frozen_params(model_config, initial_checkpoint_path, assignment_map, init_rng)
+  embedding = np.asarray(loaded["token_embedder/embedding"])
+  prompt_config = prompts.PromptConfig(
+      prompt_length, build_prompt_init(prompt_init, embedding, vocabulary), prompt_combine)
+  model = T5(model_config, prompt_config)
+  prompt = jax.jit(prompt_config.init, static_argnums=(1, 2))(
+      prompt_rng, (prompt_length, model_config.emb_dim), jnp.float32)
+  params = checkpoints.unflatten({**loaded, checkpoints.PROMPT_PATH: np.asarray(prompt)})
+
+  # ---- Shardings, state, compiled steps. ----
+  boxed = jax.eval_shape(model.init, init_rng, tokens, tokens)["params"]
+  mask = freezing.freeze_mask(params, trainable_patterns)
+  trainable, frozen = freezing.split(params, mask)
+  trainable_sh, frozen_sh = freezing.split(partitioning.param_shardings(boxed, mesh), mask)
+  frozen = place_on_mesh(frozen, frozen_sh)
+  state = trainer.TrainState.create(place_on_mesh(trainable, trainable_sh), optimizer, state_rng)
+  state_sh = jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), state).replace(
+      trainable=trainable_sh)
+  state = jax.device_put(state, state_sh)
+  train_step = trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh, loss_config,
+                                          num_microbatches)
+
+  checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=keep_checkpoints)
+  data_position = {"batches_consumed": 0}
+  if checkpointer.latest_step() is not None:
+    state, data_position = checkpointer.restore(abstract_state=state)
+    state = jax.device_put(state, state_sh)
+    logger.info("Resumed from %s at step %d.", model_dir, int(state.step))
+  start_step = int(state.step)
+
+  # ---- Data: the same shuffled stream on every run; a resumed run skips what was consumed. ----
+  per_process = batch_size // jax.process_count()
+  dataset = seqio.get_dataset(
+      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths), dataset_split="train",
+      shuffle=shuffle, num_epochs=None, use_cached=use_cached, seed=seed,
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      feature_converter=seqio.EncDecFeatureConverter(pack=False))
+  dataset = dataset.batch(per_process, drop_remainder=True).skip(data_position["batches_consumed"])
+  batches = dataset.as_numpy_iterator()
+  batch_sharding = partitioning.batch_sharding(mesh)
+
+  eval_lengths = dict(task_feature_lengths)
+  evaluator = predictor = None
+  if eval_period:
+    evaluator = evaluation.make_evaluator(eval_name, eval_lengths, eval_split,
+                                          log_dir=os.path.join(model_dir, "inference_eval"),
+                                          num_examples=eval_num_examples)
+    predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+
+  metrics_log = metrics_logging.MetricsLogger(model_dir, train_steps, start_step, progress_bar)
+  checkpoint_period = checkpoint_period or eval_period or train_steps
+  summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step, "eval": {}}
+  window, window_start = None, time.time()
+  step = start_step
+  try:
+    while step < train_steps:
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in local.items() if k in _MODEL_FEATURES}
+      state, metrics = train_step(state, frozen, batch)
+      step += 1
+      window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
+      if step % log_period == 0 or step == train_steps:
+        summary["train"] = _log_window(metrics_log, step, window, metrics, time.time() - window_start,
+                                       state)
+        window, window_start = None, time.time()
+      if eval_period and (step % eval_period == 0 or step == train_steps):
+        predictor.trainable = state.trainable
+        results = evaluation.evaluate(evaluator, predictor, step)
+        summary["eval"][step] = results
+        for task, task_metrics in results.items():
+          metrics_log.write(step, {k: v for k, v in task_metrics.items()
+                                   if np.ndim(v) == 0}, kind=f"eval/{task}")
+        if best_metric is not None:
+          value = _find_metric(results, best_metric)
+          checkpointer.save_best_prompt(step, state.trainable, best_metric, value,
+                                        higher_is_better=best_higher_is_better)
+      if step % checkpoint_period == 0 or step == train_steps:
+        checkpointer.save(step, state, {"batches_consumed": step})
+  finally:
+    metrics_log.close()
+    checkpointer.close()
+  summary.update(final_step=step, prompt=np.asarray(state.trainable["encoder"]["prompt"]["prompt"]
+                                                    ["prompt"]) if "encoder" in state.trainable
+                 else None, numpy_checkpoints=os.path.join(model_dir, "numpy_checkpoints"))
+  return summary
+
+
+_MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                   "decoder_loss_weights")
+
+
+def _log_window(metrics_log, step: int, window, last, seconds: float, state):
+  """Turns summed window metrics into per-token/-example rates and writes them."""
+  window = jax.tree_util.tree_map(float, jax.device_get(window))
+  real_tokens = max(window["real_tokens"], 1.0)
+  row = {"loss": float(last["loss"]), "z_loss": float(last["z_loss"]),
+         "accuracy": window["correct_tokens"] / real_tokens,
+         "grad_norm": float(last["grad_norm"]),
+         "learning_rate": _learning_rate(state),
+         "examples_per_second": window["examples"] / max(seconds, 1e-9),
+         "tokens_per_second": real_tokens / max(seconds, 1e-9)}
+  row = {k: v for k, v in row.items() if v is not None}
+  metrics_log.write(step, row)
+  return row
+
+
+def _learning_rate(state) -> Optional[float]:
+  """The current learning rate, where the optimizer keeps it (optax.inject_hyperparams)."""
+  value = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
+  return None if value is None else float(value)
+
+
+def _find_metric(results: Mapping[str, Mapping[str, float]], name: str) -> float:
+  """`name` is `metric` (the first task that has it) or `task/metric`."""
+  task, _, metric = name.rpartition("/")
+  for task_name, task_metrics in results.items():
+    if (not task or task == task_name) and metric in task_metrics:
+      return float(task_metrics[metric])
+  raise ValueError(f"best_metric {name!r} is not among the eval metrics "
+                   f"{ {t: sorted(m) for t, m in results.items()} }.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """The command line: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
+
+  See gin_configs/runs/prompt_finetune.gin. Returns `train`'s summary.
+  """
+  from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top (it imports us)
+  summary = gin_utils.run("train", argv, "Train a prompt on a frozen T5.")
+  gin_utils.write_config(summary["model_dir"])
+  step = summary["final_step"]
+  print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\nPrompt (numpy): "
+        f"{os.path.join(summary['numpy_checkpoints'], f'checkpoint_{step}', 'encoder.prompt.prompt.prompt')}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,229 @@
+"""Run checkpoints: bit-identical resume, keep-last-K, numpy prompts, crashes, run config, best prompt."""
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prompt_tuning_jax import checkpoints, optimizers, run_checkpoints, trainer
+from prompt_tuning_jax.checkpoints import CheckpointError
+
+PROMPT_FILE = "encoder.prompt.prompt.prompt"
+T5X_CHECKPOINT = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+                  / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3")
+
+
+def make_state(seed: int = 0, steps: int = 2) -> trainer.TrainState:
+  """A tiny TrainState ([3, 4] prompt) after `steps` Adafactor updates, so no state is trivial."""
+  optimizer = optimizers.prompt_tuning_adafactor()
+  prompt = jax.random.normal(jax.random.PRNGKey(seed), (3, 4))
+  state = trainer.TrainState.create({"encoder": {"prompt": {"prompt": {"prompt": prompt}}}},
+                                    optimizer, jax.random.PRNGKey(seed + 1))
+  for i in range(steps):
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.1 * (i + 1)), state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    state = state.replace(step=state.step + 1, opt_state=opt_state,
+                          trainable=jax.tree_util.tree_map(jnp.add, state.trainable, updates))
+  return state
+
+
+def prompt_of(state) -> np.ndarray:
+  return np.asarray(state.trainable["encoder"]["prompt"]["prompt"]["prompt"])
+
+
+def assert_identical(restored, expected):
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(expected)
+  for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(expected)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.fixture
+def checkpointer(tmp_path):
+  ckpt = run_checkpoints.RunCheckpointer(str(tmp_path), keep=2)
+  yield ckpt
+  ckpt.close()
+
+
+def test_save_restore_is_bit_identical_with_the_optax_structure(tmp_path, checkpointer):
+  state = make_state()
+  checkpointer.save(2, state, {"examples_seen": 1234, "epoch": 0})
+  for abstract in (jax.eval_shape(lambda: state), make_state(seed=7, steps=0)):
+    restored, position = checkpointer.restore(abstract_state=abstract)
+    assert_identical(restored, state)
+    assert type(restored.opt_state) is type(state.opt_state)  # optax's named tuples, not dicts.
+    assert position == {"examples_seen": 1234, "epoch": 0}
+  # The numpy prompt: the official name, no suffix, loadable without pickle.
+  numpy_file = tmp_path / "numpy_checkpoints" / "checkpoint_2" / PROMPT_FILE
+  assert os.listdir(numpy_file.parent) == [PROMPT_FILE]
+  np.testing.assert_array_equal(np.load(numpy_file, allow_pickle=False), prompt_of(state))
+
+
+def test_keeps_the_last_k_and_all_numpy_prompts(tmp_path, checkpointer):
+  states = {step: make_state(seed=step) for step in (1, 2, 3)}
+  for step, state in states.items():
+    checkpointer.save(step, state, {"examples_seen": step})
+  assert checkpointer.all_steps() == [2, 3] and checkpointer.latest_step() == 3
+  restored, position = checkpointer.restore(2, abstract_state=jax.eval_shape(lambda: states[2]))
+  assert_identical(restored, states[2])
+  assert position == {"examples_seen": 2}
+  assert sorted(os.listdir(tmp_path / "numpy_checkpoints")) == [
+      "checkpoint_1", "checkpoint_2", "checkpoint_3"]
+
+
+def test_a_new_checkpointer_resumes_from_the_latest(tmp_path, checkpointer):
+  state = make_state()
+  checkpointer.save(5, state, {"examples_seen": 5})
+  checkpointer.close()
+  resumed = run_checkpoints.RunCheckpointer(str(tmp_path))
+  restored, _ = resumed.restore(abstract_state=jax.eval_shape(lambda: state))
+  assert_identical(restored, state)
+  resumed.close()
+
+
+def test_an_existing_step_is_never_overwritten(tmp_path, checkpointer):
+  state = make_state()
+  checkpointer.save(1, state, {"examples_seen": 1})
+  before = (tmp_path / "numpy_checkpoints" / "checkpoint_1" / PROMPT_FILE).read_bytes()
+  with pytest.raises(CheckpointError, match="never overwritten"):
+    checkpointer.save(1, make_state(seed=3), {"examples_seen": 9})
+  assert (tmp_path / "numpy_checkpoints" / "checkpoint_1" / PROMPT_FILE).read_bytes() == before
+  _, position = checkpointer.restore(abstract_state=jax.eval_shape(lambda: state))
+  assert position == {"examples_seen": 1}
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path, checkpointer):
+  state = make_state()
+  checkpointer.save(1, state, {"examples_seen": 1})
+  checkpointer.close()
+  # What a kill during orbax's save of step 2 leaves: its temporary directory, never renamed.
+  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000000000" / "state").mkdir(parents=True)
+  resumed = run_checkpoints.RunCheckpointer(str(tmp_path))
+  assert resumed.latest_step() == 1
+  restored, _ = resumed.restore(abstract_state=jax.eval_shape(lambda: state))
+  assert_identical(restored, state)
+  resumed.save(2, make_state(seed=2), {"examples_seen": 2})
+  assert resumed.all_steps() == [1, 2]
+  resumed.close()
+
+
+def test_a_corrupt_or_missing_checkpoint_is_one_clear_error(tmp_path, checkpointer):
+  abstract = jax.eval_shape(make_state)
+  with pytest.raises(CheckpointError, match="No checkpoint to resume from"):
+    checkpointer.restore(abstract_state=abstract)
+  checkpointer.save(1, make_state(), {"examples_seen": 1})
+  checkpointer.save(2, make_state(), {"examples_seen": 2})
+  with pytest.raises(CheckpointError, match=r"No checkpoint of step 7 .* steps \[1, 2\]"):
+    checkpointer.restore(7, abstract_state=abstract)
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "2"):
+    for name in files:
+      with open(os.path.join(root, name), "w") as f:
+        f.write("garbage")
+  with pytest.raises(CheckpointError, match=r"(?s)checkpoints/2 .*resume from step 1"):
+    checkpointer.restore(abstract_state=abstract)
+
+
+def test_run_config_is_written_once_and_a_different_run_is_refused(tmp_path):
+  model_dir = str(tmp_path / "run")
+  config = {"model": "t5_1_1_small", "prompt_length": 100, "train_steps": 1000}
+  assert run_checkpoints.check_run_config(model_dir, config) == {}
+  config_file = tmp_path / "run" / "run_config.json"
+  written = config_file.read_bytes()
+  assert json.loads(written) == config
+  assert run_checkpoints.check_run_config(model_dir, dict(config)) == {}
+  changed = dict(config, train_steps=2000)
+  assert run_checkpoints.check_run_config(model_dir, changed, mutable_keys=("train_steps",)) == {
+      "train_steps": (1000, 2000)}
+  with pytest.raises(ValueError) as error:
+    run_checkpoints.check_run_config(model_dir, dict(changed, prompt_length=20, task="rte"),
+                                     mutable_keys=("train_steps",))
+  message = str(error.value)
+  assert "prompt_length: 100 in the run, 20 now" in message
+  assert "task: '<absent>' in the run, 'rte' now" in message
+  assert "train_steps" not in message.split("\n", 1)[1].split("Use a new")[0]
+  assert "new MODEL_DIR" in message
+  assert config_file.read_bytes() == written
+  assert os.listdir(tmp_path / "run") == ["run_config.json"]
+
+
+def test_run_config_refuses_checkpoints_without_a_config(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(ValueError, match="no run_config.json"):
+    run_checkpoints.check_run_config(str(tmp_path), {"a": 1})
+  assert not (tmp_path / "run_config.json").exists()
+
+
+def test_best_prompt_is_replaced_only_on_improvement(tmp_path, checkpointer):
+  first, second, third = make_state(1), make_state(2), make_state(3)
+  assert checkpointer.best_metric() is None
+  assert checkpointer.save_best_prompt(10, first.trainable, "accuracy", 0.5)
+  assert checkpointer.save_best_prompt(20, second.trainable, "accuracy", 0.7)
+  assert not checkpointer.save_best_prompt(30, third.trainable, "accuracy", 0.6)
+  assert not checkpointer.save_best_prompt(40, third.trainable, "accuracy", float("nan"))
+  best = {"step": 20, "metric": "accuracy", "value": 0.7}
+  assert checkpointer.best_metric() == best
+  best_dir = tmp_path / "best"
+  assert json.loads((best_dir / "best.json").read_text()) == best
+  np.testing.assert_array_equal(np.load(best_dir / PROMPT_FILE, allow_pickle=False),
+                                prompt_of(second))
+  # Only the current best's directory is left; a new checkpointer reads it back.
+  assert len([name for name in os.listdir(tmp_path) if name.startswith(".best-")]) == 1
+  reopened = run_checkpoints.RunCheckpointer(str(tmp_path))
+  assert reopened.best_metric() == best
+  reopened.close()
+  with pytest.raises(ValueError, match="one metric per run"):
+    checkpointer.save_best_prompt(50, third.trainable, "loss", 0.1)
+
+
+def test_best_prompt_lower_is_better(checkpointer):
+  state = make_state()
+  assert checkpointer.save_best_prompt(1, state.trainable, "loss", 2.0, higher_is_better=False)
+  assert not checkpointer.save_best_prompt(2, state.trainable, "loss", 3.0, higher_is_better=False)
+  assert checkpointer.save_best_prompt(3, state.trainable, "loss", 1.0, higher_is_better=False)
+  assert checkpointer.best_metric()["step"] == 3
+
+
+# Partial loading (`checkpoints.apply_assignment_map`), how a run starts from a T5X or HF checkpoint.
+
+
+@pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
+def test_assignment_map_on_the_real_t5x_checkpoint():
+  config, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
+  targets = checkpoints.param_shapes(config, prompt_length=3)
+  loaded, missing = checkpoints.apply_assignment_map(
+      params, targets, [(r"decoder/.*", None), (r"encoder/prompt/.*", None)])
+  flat = checkpoints.flatten(params)
+  assert missing == sorted(name for name in targets
+                           if name.startswith("decoder/") or name == checkpoints.PROMPT_PATH)
+  assert sorted(loaded) == sorted(set(targets) - set(missing))
+  for name, array in loaded.items():
+    assert array is flat[name]
+  with pytest.raises(CheckpointError, match="encoder/prompt/prompt/prompt: its source"):
+    checkpoints.apply_assignment_map(params, targets, [(r"decoder/.*", None)])
+  _, missing = checkpoints.apply_assignment_map(params, targets, [], fallback_to_scratch=True)
+  assert missing == [checkpoints.PROMPT_PATH]
+
+
+def test_assignment_map_renames_with_groups_and_first_rule_wins():
+  source = {"enc": {"block_0": {"w": np.zeros((2, 3))}, "block_1": {"w": np.ones((2, 3))}},
+            "emb": np.full((4, 2), 2.0)}
+  targets = {"encoder/layers_0/w": (2, 3), "encoder/layers_1/w": (2, 3), "emb": (4, 2),
+             "head": (2,)}
+  rules = [(r"encoder/layers_1/.*", None), (r"encoder/layers_(\d+)/(\w+)", r"enc/block_\1/\2"),
+           (r"head", None)]
+  loaded, missing = checkpoints.apply_assignment_map(source, targets, rules)
+  assert missing == ["encoder/layers_1/w", "head"]
+  assert sorted(loaded) == ["emb", "encoder/layers_0/w"]
+  assert loaded["encoder/layers_0/w"] is source["enc"]["block_0"]["w"]
+
+
+def test_assignment_map_errors_name_the_path_and_shapes():
+  source = {"a/w": np.zeros((2, 3))}
+  with pytest.raises(CheckpointError, match=r"b/w: the checkpoint's a/w has shape \(2, 3\) but "
+                                            r"the model expects \(3, 2\)"):
+    checkpoints.apply_assignment_map(source, {"b/w": (3, 2)}, [(r"b/(.*)", r"a/\1")])
+  with pytest.raises(CheckpointError, match="match no parameter"):
+    checkpoints.apply_assignment_map(source, {"a/w": (2, 3)}, [(r"decoder/.*", None)])
