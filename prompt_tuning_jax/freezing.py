@@ -7,39 +7,34 @@ backward pass never forms the weight gradients of the frozen model.
 import re
 from typing import Any, Sequence
 
-from flax import traverse_util
+from prompt_tuning_jax.checkpoints import flatten, unflatten
 
 PROMPT_ONLY = (r"encoder/prompt/.*",)
 Params = dict[str, Any]
 
 
-def _flat(params: Params) -> dict[str, Any]:
-  return traverse_util.flatten_dict(params, sep="/")
-
-
 def freeze_mask(params: Params, trainable_patterns: Sequence[str] = PROMPT_ONLY) -> Params:
   """A tree like `params` whose leaves are True where a full-match pattern marks the path trainable."""
   compiled = [re.compile(p) for p in trainable_patterns]
-  flat = {path: any(c.fullmatch(path) for c in compiled) for path in _flat(params)}
+  flat = {path: any(c.fullmatch(path) for c in compiled) for path in flatten(params)}
   if not any(flat.values()):
     raise ValueError(f"No parameter matches the trainable patterns {list(trainable_patterns)}; the "
                      f"model has e.g. {sorted(flat)[:5]}. Was the model built with a prompt?")
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return unflatten(flat)
 
 
 def split(params: Params, mask: Params) -> tuple[Params, Params]:
   """(trainable, frozen): two partial trees that together hold every leaf of `params` once."""
-  flat, flat_mask = _flat(params), _flat(mask)
+  flat, flat_mask = flatten(params), flatten(mask)
   trainable = {k: v for k, v in flat.items() if flat_mask[k]}
   frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-  return (traverse_util.unflatten_dict(trainable, sep="/"),
-          traverse_util.unflatten_dict(frozen, sep="/"))
+  return unflatten(trainable), unflatten(frozen)
 
 
 def merge(trainable: Params, frozen: Params) -> Params:
   """The full parameter tree again; a path in both is an error (the split was not a partition)."""
-  flat_trainable, flat_frozen = _flat(trainable), _flat(frozen)
+  flat_trainable, flat_frozen = flatten(trainable), flatten(frozen)
   both = flat_trainable.keys() & flat_frozen.keys()
   if both:
     raise ValueError(f"Parameters are both trainable and frozen: {sorted(both)[:5]}.")
-  return traverse_util.unflatten_dict({**flat_frozen, **flat_trainable}, sep="/")
+  return unflatten({**flat_frozen, **flat_trainable})

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_tuning_jax import freezing, losses, network, optimizers, partitioning, prompts, trainer
+from prompt_tuning_jax import checkpoints, freezing, losses, network, optimizers, partitioning, prompts, trainer
 
 BATCH = 8
 
@@ -38,15 +38,15 @@ def setup(tiny_config, tiny_params):
 
 def test_freeze_mask_selects_the_prompt_and_split_merge_round_trips(setup):
   _, trainable, frozen, _ = setup
-  assert list(freezing._flat(trainable)) == ["encoder/prompt/prompt/prompt"]
+  assert list(checkpoints.flatten(trainable)) == ["encoder/prompt/prompt/prompt"]
   merged = freezing.merge(trainable, frozen)
-  assert len(freezing._flat(merged)) == len(freezing._flat(frozen)) + 1
+  assert len(checkpoints.flatten(merged)) == len(checkpoints.flatten(frozen)) + 1
   with pytest.raises(ValueError, match="No parameter matches"):
     freezing.freeze_mask(frozen)
   with pytest.raises(ValueError, match="both trainable and frozen"):
     freezing.merge(merged, frozen)
   mask = freezing.freeze_mask(merged, (r"encoder/prompt/.*", r".*layer_norm/scale"))
-  assert sum(freezing._flat(mask).values()) == 1 + 2 * 2 + 3 * 2  # prompt + enc and dec norms
+  assert sum(checkpoints.flatten(mask).values()) == 1 + 2 * 2 + 3 * 2  # prompt + enc and dec norms
 
 
 def test_only_the_prompt_learns_and_only_it_has_optimizer_state(setup):
