@@ -48,15 +48,20 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def temperature_sample(model: T5, params, encoder_input_tokens: jax.Array, rng: Optional[jax.Array],
                        *, max_decode_length: int, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, eos_id: int = 1) -> tuple[jax.Array, jax.Array]:
+                       top_p: float = 1.0, eos_id: int = 1,
+                       prompt_ids: Optional[jax.Array] = None,
+                       prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Samples `[batch, max_decode_length]` tokens; temperature 0 is greedy decoding.
 
   Returns the tokens and each row's log-likelihood `[batch]` under the model (untempered).
+  `prompt_ids`, `prompt_lengths` `[batch]` pick each row's prompt from a prompt bank.
   """
   if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
     raise ValueError(f"temperature_sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}.")
-  encoded, encoded_mask = model.apply({"params": params}, encoder_input_tokens, method=T5.encode)
+  encoded, encoded_mask = model.apply({"params": params}, encoder_input_tokens,
+                                      prompt_ids=prompt_ids, prompt_lengths=prompt_lengths,
+                                      method=T5.encode)
   batch = encoder_input_tokens.shape[0]
   cache = _init_cache(model, params, encoded, encoded_mask, max_decode_length)
   if rng is None:
@@ -89,10 +94,12 @@ def temperature_sample(model: T5, params, encoder_input_tokens: jax.Array, rng: 
 
 
 def greedy_decode(model: T5, params, encoder_input_tokens: jax.Array, *, max_decode_length: int,
-                  eos_id: int = 1) -> tuple[jax.Array, jax.Array]:
+                  eos_id: int = 1, prompt_ids: Optional[jax.Array] = None,
+                  prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """The most likely next token at each step: `[batch, max_decode_length]` tokens, `[batch]` scores."""
   return temperature_sample(model, params, encoder_input_tokens, None,
-                            max_decode_length=max_decode_length, temperature=0.0, eos_id=eos_id)
+                            max_decode_length=max_decode_length, temperature=0.0, eos_id=eos_id,
+                            prompt_ids=prompt_ids, prompt_lengths=prompt_lengths)
 
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -112,8 +119,9 @@ def _gather_beams(tree, indices: jax.Array, batch: int, beams: int):
 
 
 def beam_search(model: T5, params, encoder_input_tokens: jax.Array, *, max_decode_length: int,
-                beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = 1) -> tuple[jax.Array, jax.Array]:
+                beam_size: int = 4, alpha: float = 0.6, eos_id: int = 1,
+                prompt_ids: Optional[jax.Array] = None,
+                prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Beam search with a length penalty.
 
   Returns the beams sorted best first, `[batch, beam_size, max_decode_length]`, and their scores
@@ -123,7 +131,9 @@ def beam_search(model: T5, params, encoder_input_tokens: jax.Array, *, max_decod
   if beam_size < 1:
     raise ValueError(f"beam_search: beam_size must be at least 1, got {beam_size}.")
   batch, k, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
-  encoded, encoded_mask = model.apply({"params": params}, encoder_input_tokens, method=T5.encode)
+  encoded, encoded_mask = model.apply({"params": params}, encoder_input_tokens,
+                                      prompt_ids=prompt_ids, prompt_lengths=prompt_lengths,
+                                      method=T5.encode)
   encoded = jnp.repeat(encoded, k, axis=0)
   encoded_mask = jnp.repeat(encoded_mask, k, axis=0)
   cache = _init_cache(model, params, encoded, encoded_mask, length)

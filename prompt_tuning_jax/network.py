@@ -239,14 +239,19 @@ class Encoder(nn.Module):
   prompt_config: Optional[prompts.PromptConfig] = None
 
   @nn.compact
-  def __call__(self, tokens: jax.Array,
-               enable_dropout: bool = False) -> tuple[jax.Array, jax.Array]:
-    """`[batch, length]` ids -> (`[batch, length + P, embed]` encoding, `[batch, length + P]` mask)."""
+  def __call__(self, tokens: jax.Array, enable_dropout: bool = False,
+               prompt_ids: Optional[jax.Array] = None,
+               prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """`[batch, length]` ids -> (`[batch, length + P, embed]` encoding, `[batch, length + P]` mask).
+
+    `prompt_ids`, `prompt_lengths` `[batch]`: each row's prompt in a bank and its real length.
+    """
     cfg = self.config
     x = self.embedder(tokens)
     mask = tokens > 0
     if self.prompt_config is not None:
-      x, mask = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(x, mask)
+      x, mask = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
+          x, mask, prompt_ids, prompt_lengths)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
     length = x.shape[1]
     bias = attention_bias(mask, mask) + RelativePositionBiases(
@@ -320,10 +325,11 @@ class T5(nn.Module):
     self.encoder = Encoder(cfg, self.token_embedder, self.prompt_config)
     self.decoder = Decoder(cfg, self.token_embedder)
 
-  def encode(self, encoder_input_tokens: jax.Array,
-             enable_dropout: bool = False) -> tuple[jax.Array, jax.Array]:
+  def encode(self, encoder_input_tokens: jax.Array, enable_dropout: bool = False,
+             prompt_ids: Optional[jax.Array] = None,
+             prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """`[batch, length]` -> (`[batch, length + P, embed]`, mask `[batch, length + P]`)."""
-    return self.encoder(encoder_input_tokens, enable_dropout)
+    return self.encoder(encoder_input_tokens, enable_dropout, prompt_ids, prompt_lengths)
 
   def decode(self, encoded: jax.Array, encoded_mask: jax.Array, decoder_input_tokens: jax.Array,
              decoder_target_tokens: Optional[jax.Array] = None, enable_dropout: bool = False,
@@ -332,8 +338,9 @@ class T5(nn.Module):
                         enable_dropout, decode, max_decode_length)
 
   def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
-               decoder_target_tokens: Optional[jax.Array] = None,
-               enable_dropout: bool = False) -> jax.Array:
+               decoder_target_tokens: Optional[jax.Array] = None, enable_dropout: bool = False,
+               prompt_ids: Optional[jax.Array] = None,
+               prompt_lengths: Optional[jax.Array] = None) -> jax.Array:
     """`[batch, in_len]`, `[batch, out_len]` (targets shifted right) -> logits `[batch, out_len, vocab]`."""
-    encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
+    encoded, mask = self.encode(encoder_input_tokens, enable_dropout, prompt_ids, prompt_lengths)
     return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens, enable_dropout)

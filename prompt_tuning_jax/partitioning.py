@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES = (
     ("joined_kv", MODEL),
     ("relpos_buckets", None),
     ("length", None),
+    ("prompts", None),
     ("prompt", None),
     ("prompt_embed", None),
 )

@@ -12,7 +12,7 @@ The returned mask marks the prompt positions as real, so the encoder's self-atte
 cross-attention both see them.
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -26,53 +26,88 @@ COMBINATIONS = ("prefix", "prefix_after_bos", "suffix")
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  """What soft prompt to add: its length, its initialiser and where it goes in the input."""
+  """What soft prompt to add: its length, its initialiser and where it goes in the input.
+
+  `bank_size=N` makes a bank of N prompts `[N, length, embed]` instead of one: each example then names
+  its prompt (`prompt_ids`) and its prompt's real length (`prompt_lengths`, for shorter prompts padded
+  to `length`), so one compiled model serves any mix of tasks or an ensemble of prompts.
+  """
   length: int
   init: Initializer = prompt_initializers.random_uniform()
   combine: str = "prefix"
+  bank_size: Optional[int] = None
 
   def __post_init__(self):
     if self.length <= 0:
       raise ValueError(f"PromptConfig.length (PROMPT_LENGTH) must be positive, got {self.length}.")
     if self.combine not in COMBINATIONS:
       raise ValueError(f"Unknown prompt combination {self.combine!r}; use one of {COMBINATIONS}.")
+    if self.bank_size is not None and self.bank_size <= 0:
+      raise ValueError(f"PromptConfig.bank_size must be positive, got {self.bank_size}.")
 
 
 class Prompt(nn.Module):
-  """Owns the soft prompt parameter `prompt` `[length, embed]` (logical axes prompt, prompt_embed)."""
+  """Owns the soft prompt parameter `prompt`: `[length, embed]` (logical axes prompt, prompt_embed),
+  or `[bank_size, length, embed]` for a bank (prompts, prompt, prompt_embed)."""
   length: int
   init: Initializer
+  bank_size: Optional[int] = None
 
   @nn.compact
   def __call__(self, embed_dim: int) -> jax.Array:
-    return self.param("prompt", nn.with_logical_partitioning(self.init, ("prompt", "prompt_embed")),
-                      (self.length, embed_dim), jnp.float32)
+    if self.bank_size is None:
+      return self.param("prompt", nn.with_logical_partitioning(self.init, ("prompt", "prompt_embed")),
+                        (self.length, embed_dim), jnp.float32)
+    bank_init = lambda key, shape, dtype=jnp.float32: jax.vmap(
+        lambda k: self.init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
+    return self.param("prompt",
+                      nn.with_logical_partitioning(bank_init, ("prompts", "prompt", "prompt_embed")),
+                      (self.bank_size, self.length, embed_dim), jnp.float32)
 
 
-def combine_prefix(prompt, x, mask):
-  """`[batch, P, E]`, `[batch, T, E]`, `[batch, T]` -> `[batch, P + T, E]`, `[batch, P + T]`."""
-  ones = jnp.ones(prompt.shape[:2], bool)
-  return jnp.concatenate([prompt, x], axis=1), jnp.concatenate([ones, mask], axis=1)
+def insert_prompt(prompt: jax.Array, x: jax.Array, mask: jax.Array, start: jax.Array,
+                  lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """Puts each row's prompt into its input at position `start`.
 
-
-def combine_prefix_after_bos(prompt, x, mask):
-  """Like `combine_prefix`, but the prompt follows the first (BOS) position."""
-  ones = jnp.ones(prompt.shape[:2], bool)
-  return (jnp.concatenate([x[:, :1], prompt, x[:, 1:]], axis=1),
-          jnp.concatenate([mask[:, :1], ones, mask[:, 1:]], axis=1))
-
-
-def combine_suffix(prompt, x, mask):
-  """The prompt goes right before each row's last real token (EOS); padding stays at the end."""
+  Args:
+    prompt: `[batch, P, E]`; row b uses its first `lengths[b]` positions (all P when `lengths` is None).
+    x: embedded input `[batch, T, E]`; mask: `[batch, T]`.
+    start: `[batch]` insertion points.
+    lengths: `[batch]` prompt lengths, for prompts of different lengths padded to P.
+  Returns:
+    `[batch, T + P, E]` and its mask `[batch, T + P]`: `x[:start]`, the prompt, `x[start:]`, then
+    padding, so every row's real positions are exactly those of a run with its own prompt alone.
+  """
   prompt_length, length = prompt.shape[1], x.shape[1]
+  lengths = jnp.full(x.shape[:1], prompt_length) if lengths is None else lengths
   position = jnp.arange(length + prompt_length)[None, :]
-  start = jnp.maximum(mask.sum(axis=1) - 1, 0)[:, None]
-  in_prompt = (position >= start) & (position < start + prompt_length)
-  x_index = jnp.clip(jnp.where(position < start, position, position - prompt_length), 0, length - 1)
+  start, lengths = start[:, None], lengths[:, None]
+  in_prompt = (position >= start) & (position < start + lengths)
+  x_index = jnp.clip(jnp.where(position < start, position, position - lengths), 0, length - 1)
   p_index = jnp.clip(position - start, 0, prompt_length - 1)
+  in_x = (position < start) | (position - lengths < length) & (position >= start + lengths)
   gather = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=1)
-  out = jnp.where(in_prompt[..., None], gather(prompt, p_index), gather(x, x_index))
-  return out, in_prompt | jnp.take_along_axis(mask, x_index, axis=1)
+  out = jnp.where(in_prompt[..., None], gather(prompt, p_index),
+                  jnp.where(in_x[..., None], gather(x, x_index), 0))
+  return out, in_prompt | (in_x & jnp.take_along_axis(mask, x_index, axis=1))
+
+
+def combine_prefix(prompt, x, mask, lengths=None):
+  """`[P; X]`: `[batch, P, E]`, `[batch, T, E]`, `[batch, T]` -> `[batch, P + T, E]`, `[batch, P + T]`."""
+  if lengths is None:  # Every row's prompt is whole: a plain concatenation.
+    ones = jnp.ones(prompt.shape[:2], bool)
+    return jnp.concatenate([prompt, x], axis=1), jnp.concatenate([ones, mask], axis=1)
+  return insert_prompt(prompt, x, mask, jnp.zeros(x.shape[:1], jnp.int32), lengths)
+
+
+def combine_prefix_after_bos(prompt, x, mask, lengths=None):
+  """Like `combine_prefix`, but the prompt follows the first (BOS) position."""
+  return insert_prompt(prompt, x, mask, jnp.ones(x.shape[:1], jnp.int32), lengths)
+
+
+def combine_suffix(prompt, x, mask, lengths=None):
+  """The prompt goes right before each row's last real token (EOS); padding stays at the end."""
+  return insert_prompt(prompt, x, mask, jnp.maximum(mask.sum(axis=1) - 1, 0), lengths)
 
 
 _COMBINE = {"prefix": combine_prefix, "prefix_after_bos": combine_prefix_after_bos,
@@ -85,8 +120,21 @@ class PromptInput(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`[batch, T, E]`, `[batch, T]` -> `[batch, T + P, E]`, `[batch, T + P]`."""
-    prompt = Prompt(self.config.length, self.config.init, name="prompt")(x.shape[-1])
-    prompt = jnp.broadcast_to(prompt.astype(self.dtype), (x.shape[0],) + prompt.shape)
-    return _COMBINE[self.config.combine](prompt, x, mask)
+  def __call__(self, x: jax.Array, mask: jax.Array, prompt_ids: Optional[jax.Array] = None,
+               prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """`[batch, T, E]`, `[batch, T]` -> `[batch, T + P, E]`, `[batch, T + P]`.
+
+    With a bank, `prompt_ids` `[batch]` picks each row's prompt and `prompt_lengths` `[batch]` gives
+    its real length (default: all `length` positions).
+    """
+    cfg = self.config
+    prompt = Prompt(cfg.length, cfg.init, cfg.bank_size, name="prompt")(x.shape[-1]).astype(self.dtype)
+    if cfg.bank_size is None:
+      if prompt_ids is not None:
+        raise ValueError("prompt_ids need a prompt bank: build the model with PromptConfig(bank_size=N).")
+      prompt = jnp.broadcast_to(prompt, (x.shape[0],) + prompt.shape)
+    else:
+      if prompt_ids is None:
+        raise ValueError("A prompt bank needs prompt_ids [batch] naming each example's prompt.")
+      prompt = jnp.take(prompt, prompt_ids, axis=0)
+    return _COMBINE[cfg.combine](prompt, x, mask, prompt_lengths)

@@ -1,4 +1,6 @@
 """Scoring: the log-likelihood of given targets, and rank classification over a label set."""
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -17,14 +19,21 @@ def sequence_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(targets > 0, token_log_probs, 0.0), axis=-1)
 
 
-def score(model: T5, params, encoder_input_tokens: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example log-likelihood of `targets` `[batch, out_len]` given inputs `[batch, in_len]`: `[batch]`."""
-  logits = model.apply({"params": params}, encoder_input_tokens, shift_right(targets), targets)
+def score(model: T5, params, encoder_input_tokens: jax.Array, targets: jax.Array,
+          prompt_ids: Optional[jax.Array] = None,
+          prompt_lengths: Optional[jax.Array] = None) -> jax.Array:
+  """Per-example log-likelihood of `targets` `[batch, out_len]` given inputs `[batch, in_len]`: `[batch]`.
+
+  `prompt_ids`, `prompt_lengths` `[batch]` pick each row's prompt from a prompt bank.
+  """
+  logits = model.apply({"params": params}, encoder_input_tokens, shift_right(targets), targets,
+                       prompt_ids=prompt_ids, prompt_lengths=prompt_lengths)
   return sequence_log_likelihood(logits, targets)
 
 
-def rank_classify(model: T5, params, encoder_input_tokens: jax.Array,
-                  label_targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rank_classify(model: T5, params, encoder_input_tokens: jax.Array, label_targets: jax.Array,
+                  prompt_ids: Optional[jax.Array] = None,
+                  prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Scores every label for every input; the encoder runs once per input.
 
   Args:
@@ -34,7 +43,8 @@ def rank_classify(model: T5, params, encoder_input_tokens: jax.Array,
     the best label index `[batch]` and the log-likelihoods `[batch, num_labels]`.
   """
   batch, num_labels = encoder_input_tokens.shape[0], label_targets.shape[0]
-  encoded, mask = model.apply({"params": params}, encoder_input_tokens, method=T5.encode)
+  encoded, mask = model.apply({"params": params}, encoder_input_tokens, prompt_ids=prompt_ids,
+                              prompt_lengths=prompt_lengths, method=T5.encode)
   targets = jnp.tile(label_targets, (batch, 1))
   logits = model.apply({"params": params}, jnp.repeat(encoded, num_labels, axis=0),
                        jnp.repeat(mask, num_labels, axis=0), shift_right(targets), targets,
