@@ -30,7 +30,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Reference implementations the tests compare against. torch is pinned to the CPU build on disk.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6"],
+    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "peft>=0.21"],
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11"],
 }
@@ -55,6 +55,7 @@ setuptools.setup(
         "prompt-tuning-train=prompt_tuning_jax.train:main",
         "prompt-tuning-eval=prompt_tuning_jax.eval:main",
         "prompt-tuning-infer=prompt_tuning_jax.infer:main",
+        "prompt-tuning-demo=prompt_tuning_jax.demo:main",
         "prompt-tuning-inspect=prompt_tuning_jax.inspect:main",
         "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",
     ]},

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 VERSIONS = ("t5_1_0", "t5_1_1", "t5_1_1_lm100k", "mt5", "byt5")
 SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,9 @@ class T5Config:
   # softmax stay in float32 when `float32_attention_logits` is set.
   dtype: Any = jnp.float32
   float32_attention_logits: bool = True
+  # Rematerialisation of each layer in the backward pass: "none" keeps all activations, "full" keeps
+  # only each layer's input and recomputes the rest, "dots" keeps the matmul outputs.
+  remat_policy: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
@@ -46,6 +50,8 @@ class T5Config:
                                        for a in self.mlp_activations):
       raise ValueError(f"T5Config.mlp_activations={self.mlp_activations!r}: use ('relu',) for T5 1.0 "
                        "or ('gelu', 'linear') for T5 1.1; known activations: gelu, relu, silu, linear.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}.")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
 

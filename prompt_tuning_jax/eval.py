@@ -73,3 +73,19 @@ def evaluate_prompt(*, mixture_or_task_name: str, task_feature_lengths: Mapping[
       json.dump({t: {k: v for k, v in m.items() if np.ndim(v) == 0} for t, m in results.items()},
                 f, indent=2)
   return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
+
+  See gin_configs/runs/prompt_eval.gin.
+  """
+  from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top (it imports us)
+  results = gin_utils.run("evaluate", argv, "Evaluate a trained prompt on a task.")
+  for task, task_metrics in results.items():
+    shown = {k: v for k, v in task_metrics.items() if np.ndim(v) == 0}
+    print(f"{task}: {json.dumps(shown)}")
+
+
+if __name__ == "__main__":
+  main()

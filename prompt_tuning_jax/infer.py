@@ -51,3 +51,17 @@ def infer(*, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
 
 def _text(value) -> Optional[str]:
   return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
+
+  See gin_configs/runs/prompt_infer.gin.
+  """
+  from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top (it imports us)
+  path = gin_utils.run("infer", argv, "Decode a task's split with a trained prompt.")
+  print(f"Predictions: {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -232,6 +232,15 @@ class DecoderLayer(nn.Module):
     return y + drop(MlpBlock(cfg, name="mlp")(z, enable_dropout))
 
 
+def _remat(layer: type[nn.Module], config: T5Config, static_argnums: tuple[int, ...]):
+  """`layer`, recomputed in the backward pass as `config.remat_policy` says."""
+  if config.remat_policy == "none":
+    return layer
+  policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[
+      config.remat_policy]
+  return nn.remat(layer, policy=policy, static_argnums=static_argnums)
+
+
 class Encoder(nn.Module):
   """Embeds tokens, lets the prompt hook extend them, and runs the encoder stack."""
   config: T5Config
@@ -257,8 +266,9 @@ class Encoder(nn.Module):
     bias = attention_bias(mask, mask) + RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         name="relpos_bias")(length, length, bidirectional=True)
+    layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+      x = layer(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), mask
 
@@ -297,9 +307,10 @@ class Decoder(nn.Module):
                    + jnp.where(causal, 0.0, MASK_BIAS)[None, None]
                    + attention_bias(query_mask, query_mask))
       cross_bias = attention_bias(query_mask, encoded_mask)
+    # (self, y, encoded, self_bias, cross_bias, enable_dropout, decode); no remat while decoding.
+    layer = DecoderLayer if decode else _remat(DecoderLayer, cfg, static_argnums=(5, 6))
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout,
-                                                decode)
+      y = layer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout, decode)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     if cfg.logits_via_embedding:

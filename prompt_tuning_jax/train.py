@@ -97,6 +97,13 @@ def check_initial_checkpoint(path: str):
         "Hugging Face T5 directory.")
 
 
+def check_checkpoint_matches(path: str, model_config: T5Config):
+  """Raises a `CheckpointError` unless the checkpoint's shapes are `model_config`'s (reads no array)."""
+  _, shapes = checkpoints.read_shapes(path)
+  prompt_length = shapes[checkpoints.PROMPT_PATH][0] if checkpoints.PROMPT_PATH in shapes else None
+  checkpoints.check_params(checkpoints.param_shapes(model_config, prompt_length), shapes, path)
+
+
 def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional[str],
                        assignment_map: Sequence[tuple[str, Optional[str]]] = (),
                        rng: Optional[jax.Array] = None) -> dict[str, np.ndarray]:
@@ -166,15 +173,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
   if initial_checkpoint_path is not None:
     check_initial_checkpoint(initial_checkpoint_path)
+    if not assignment_map:
+      check_checkpoint_matches(initial_checkpoint_path, model_config)
   optimizer = optimizer or optimizers.prompt_tuning_adafactor()
-  run_checkpoints.check_run_config(model_dir, _run_settings(
-      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-      train_steps=train_steps, batch_size=batch_size, model_config=model_config,
-      prompt_length=prompt_length, prompt_combine=prompt_combine,
-      initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
-      loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,
-      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, log_period=log_period,
-      eval_num_examples=eval_num_examples, seed=seed), mutable_keys=MUTABLE_RUN_SETTINGS)
 
   # ---- The frozen model and the prompt. ----
   rng = jax.random.PRNGKey(seed)
@@ -189,6 +190,19 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       prompt_rng, (prompt_length, model_config.emb_dim), jnp.float32)
   params = checkpoints.unflatten({**loaded, checkpoints.PROMPT_PATH: np.asarray(prompt)})
 
+  # ---- Data and evaluation (reading them checks the task's splits before anything is written). ----
+  per_process = batch_size // jax.process_count()
+  dataset = seqio.get_dataset(
+      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths), dataset_split="train",
+      shuffle=shuffle, num_epochs=None, use_cached=use_cached, seed=seed,
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      feature_converter=seqio.EncDecFeatureConverter(pack=False))
+  batch_sharding = partitioning.batch_sharding(mesh)
+
+  evaluator = evaluation.make_evaluator(
+      eval_name, task_feature_lengths, eval_split, log_dir=os.path.join(model_dir, "inference_eval"),
+      num_examples=eval_num_examples) if eval_period else None
+
   # ---- Shardings, state, compiled steps. ----
   boxed = jax.eval_shape(model.init, init_rng, tokens, tokens)["params"]
   mask = freezing.freeze_mask(params, trainable_patterns)
@@ -201,7 +215,17 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   state = jax.device_put(state, state_sh)
   train_step = trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh, loss_config,
                                           num_microbatches)
+  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
 
+  # ---- Everything checked: from here on MODEL_DIR is written. ----
+  run_checkpoints.check_run_config(model_dir, _run_settings(
+      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+      train_steps=train_steps, batch_size=batch_size, model_config=model_config,
+      prompt_length=prompt_length, prompt_combine=prompt_combine,
+      initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
+      loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,
+      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, log_period=log_period,
+      eval_num_examples=eval_num_examples, seed=seed), mutable_keys=MUTABLE_RUN_SETTINGS)
   checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=keep_checkpoints)
   data_position = {"batches_consumed": 0}
   if checkpointer.latest_step() is not None:
@@ -209,25 +233,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     state = jax.device_put(state, state_sh)
     logger.info("Resumed from %s at step %d.", model_dir, int(state.step))
   start_step = int(state.step)
-
-  # ---- Data: the same shuffled stream on every run; a resumed run skips what was consumed. ----
-  per_process = batch_size // jax.process_count()
-  dataset = seqio.get_dataset(
-      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths), dataset_split="train",
-      shuffle=shuffle, num_epochs=None, use_cached=use_cached, seed=seed,
-      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
-      feature_converter=seqio.EncDecFeatureConverter(pack=False))
-  dataset = dataset.batch(per_process, drop_remainder=True).skip(data_position["batches_consumed"])
-  batches = dataset.as_numpy_iterator()
-  batch_sharding = partitioning.batch_sharding(mesh)
-
-  eval_lengths = dict(task_feature_lengths)
-  evaluator = predictor = None
-  if eval_period:
-    evaluator = evaluation.make_evaluator(eval_name, eval_lengths, eval_split,
-                                          log_dir=os.path.join(model_dir, "inference_eval"),
-                                          num_examples=eval_num_examples)
-    predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+  # The same shuffled stream on every run; a resumed run skips the batches already consumed.
+  batches = dataset.batch(per_process, drop_remainder=True).skip(
+      data_position["batches_consumed"]).as_numpy_iterator()
 
   metrics_log = metrics_logging.MetricsLogger(model_dir, train_steps, start_step, progress_bar)
   checkpoint_period = checkpoint_period or eval_period or train_steps
@@ -303,18 +311,18 @@ def _find_metric(results: Mapping[str, Mapping[str, float]], name: str) -> float
                    f"{ {t: sorted(m) for t, m in results.items()} }.")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> None:
   """The command line: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
 
-  See gin_configs/runs/prompt_finetune.gin. Returns `train`'s summary.
+  See gin_configs/runs/prompt_finetune.gin.
   """
   from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top (it imports us)
   summary = gin_utils.run("train", argv, "Train a prompt on a frozen T5.")
   gin_utils.write_config(summary["model_dir"])
   step = summary["final_step"]
-  print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\nPrompt (numpy): "
-        f"{os.path.join(summary['numpy_checkpoints'], f'checkpoint_{step}', 'encoder.prompt.prompt.prompt')}")
-  return summary
+  prompt_file = os.path.join(summary["numpy_checkpoints"], f"checkpoint_{step}",
+                             run_checkpoints.numpy_file_name(checkpoints.PROMPT_PATH))
+  print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\nPrompt (numpy): {prompt_file}")
 
 
 if __name__ == "__main__":

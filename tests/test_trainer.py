@@ -163,3 +163,27 @@ def test_mesh_and_batch_checks_name_the_problem():
   mesh = partitioning.make_mesh((-1, 1))
   with pytest.raises(ValueError, match="BATCH_SIZE=6 does not divide into 1 data shards x 4"):
     partitioning.check_batch_divides(6, mesh, 4)
+
+
+def test_rematerialisation_gives_the_same_loss_and_gradients(tiny_config):
+  """Recomputing layers in the backward pass (with dropout on) changes nothing but memory."""
+  batch = make_batch(tiny_config.vocab_size)
+  results = {}
+  for remat in ("none", "full", "dots"):
+    model = network.T5(tiny_config.replace(remat_policy=remat, dropout_rate=0.1),
+                       prompts.PromptConfig(3))
+    tokens = batch["encoder_input_tokens"][:1]
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
+
+    def loss(trainable, model=model, frozen=frozen):
+      logits = model.apply({"params": freezing.merge(trainable, frozen)},
+                           batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                           batch["decoder_target_tokens"], enable_dropout=True,
+                           rngs={"dropout": jax.random.PRNGKey(1)})
+      return losses.weighted_cross_entropy(logits, batch["decoder_target_tokens"],
+                                           batch["decoder_loss_weights"])[0]
+    results[remat] = jax.jit(jax.value_and_grad(loss))(trainable)
+  for remat in ("full", "dots"):
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                           results[remat], results["none"])

@@ -1,0 +1,244 @@
+"""Gin at the entry points: flags, search paths, configurables, required macros, multi-host start.
+
+The library is gin-free; this module registers its plain functions and classes with
+`gin.external_configurable` under short module-style names (`train`, `evaluate`, `infer`,
+`t5_config`, `prompt_initializers.from_class_labels`, `optimizers.prompt_tuning_adafactor`,
+`LossConfig`, `DecodingConfig`, `t5_vocabulary`), and `run` turns a T5X-style command line
+
+  --gin_file=models/t5_1_1_lm100k_base_prompt.gin --gin_file=runs/prompt_finetune.gin \\
+  --gin.MODEL_DIR="'/tmp/run'" --gin_search_paths=/my/configs
+
+into a call of one of them. Gin files are found in the working directory, then in
+`--gin_search_paths`, then in the package's own `gin_configs/`. Bad input ends the program with one
+line, `error: ...`, and exit status 2.
+"""
+import argparse
+import inspect
+import logging
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+import gin
+import jax
+
+import prompt_tuning_jax
+from prompt_tuning_jax import config
+from prompt_tuning_jax import eval as eval_lib
+from prompt_tuning_jax import evaluation
+from prompt_tuning_jax import infer as infer_lib
+from prompt_tuning_jax import optimizers
+from prompt_tuning_jax import prompt_initializers
+from prompt_tuning_jax import tasks
+from prompt_tuning_jax import train as train_lib
+from prompt_tuning_jax import trainer
+from prompt_tuning_jax import vocabularies
+
+PACKAGE_GIN_DIR = os.path.join(os.path.dirname(prompt_tuning_jax.__file__), "gin_configs")
+TASK_MODULE_MACRO = "MIXTURE_OR_TASK_MODULE"
+# Errors that mean bad input rather than a bug (`CheckpointError` and `DataNotFoundError` among them):
+# reported in one line, exit status 2.
+USER_ERRORS = (ValueError, OSError, ImportError)
+USAGE_EXIT_CODE = 2
+
+ENTRY_POINTS = {
+    "train": gin.external_configurable(train_lib.train, "train"),
+    "evaluate": gin.external_configurable(eval_lib.evaluate_prompt, "evaluate"),
+    "infer": gin.external_configurable(infer_lib.infer, "infer"),
+}
+gin.external_configurable(config.t5_config, "t5_config")
+gin.external_configurable(trainer.LossConfig, "LossConfig")
+gin.external_configurable(evaluation.DecodingConfig, "DecodingConfig")
+gin.external_configurable(vocabularies.t5_vocabulary, "t5_vocabulary")
+gin.external_configurable(vocabularies.byt5_vocabulary, "byt5_vocabulary")
+gin.external_configurable(optimizers.prompt_tuning_adafactor, module="optimizers")
+for _name in ("random_uniform", "from_sampled_vocab", "from_class_labels", "from_string",
+              "from_npy"):
+  gin.external_configurable(getattr(prompt_initializers, _name), module="prompt_initializers")
+
+# Gin keeps its search paths for the life of the process; each is added once.
+_ADDED_SEARCH_PATHS: set[str] = set()
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_]\w*)(?![\w.])")
+_GIN_CALL_NOTE = re.compile(r"\s*In call to configurable .*", re.DOTALL)
+
+
+class UsageError(ValueError):
+  """The command line or the gin config is incomplete or wrong."""
+
+
+class _QuietGinSearch(logging.Filter):
+  """Drops gin's log line for each search path that lacks a file (the next one may have it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Path not found: ")
+
+
+def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
+  """T5X's flags: `--gin_file` (repeatable), `--gin_search_paths`, `--gin.NAME=VALUE`."""
+  parser = argparse.ArgumentParser(
+      description=description, allow_abbrev=False,
+      epilog="Bind gin macros and parameters with --gin.NAME=VALUE, VALUE in gin syntax, e.g. "
+             "--gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=1000.")
+  parser.add_argument("--gin_file", action="append", default=[], dest="gin_files",
+                      help="a gin file; repeat it, later files override earlier ones")
+  parser.add_argument("--gin_search_paths", action="append", default=[],
+                      help="comma-separated directories to find gin files (and their includes) in")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="a gin binding, e.g. \"MODEL_DIR = '/tmp/run'\"")
+  args, rest = parser.parse_known_args(argv)
+  for arg in rest:
+    name, equals, value = arg.partition("=")
+    if not name.startswith("--gin.") or not equals:
+      parser.error(f"unrecognized argument {arg!r}; gin bindings look like --gin.NAME=VALUE")
+    args.gin_bindings.append(f"{name[len('--gin.'):]} = {value}")
+  args.gin_search_paths = [path for paths in args.gin_search_paths
+                           for path in paths.split(",") if path]
+  return args
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts JAX's multi-host runtime when the environment describes several processes."""
+  env = os.environ
+  multi_process = (
+      bool(env.get("JAX_COORDINATOR_ADDRESS"))
+      or int(env.get("SLURM_NTASKS", "1")) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+      or "," in env.get("MEGASCALE_COORDINATOR_ADDRESS", ""))
+  if multi_process and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def search_paths(user_paths: Sequence[str]) -> list[str]:
+  """Where gin files are looked for, in order: the working directory, the user's, the package's."""
+  return ["", *user_paths, PACKAGE_GIN_DIR]
+
+
+def _find_gin_file(name: str, paths: Sequence[str]) -> Optional[str]:
+  for prefix in ([""] if os.path.isabs(name) else paths):
+    path = os.path.join(prefix, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _parsed_files(parsed) -> list[str]:
+  """Every gin file parsed, includes first, as gin named them."""
+  names = []
+  for result in parsed:
+    names += _parsed_files(result.includes)
+    names.append(result.filename)
+  return names
+
+
+def _without_comments(text: str) -> str:
+  return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def _macro_is_bound(name: str) -> bool:
+  try:
+    value = gin.query_parameter(f"%{name}")
+  except ValueError:
+    return False
+  return repr(value) != "%gin.REQUIRED"
+
+
+def check_macros(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> None:
+  """Raises a `UsageError` naming each macro that is used (`%NAME`) but not set, and its users."""
+  users: dict[str, list[str]] = {}
+  sources = [(name, _find_gin_file(name, paths)) for name in files]
+  for name, path in sources:
+    if path is not None:
+      with open(path) as f:
+        text = _without_comments(f.read())
+      for macro in _MACRO_REFERENCE.findall(text):
+        users.setdefault(macro, []).append(name)
+  for binding in bindings:
+    for macro in _MACRO_REFERENCE.findall(binding):
+      users.setdefault(macro, []).append("the command line")
+  missing = [macro for macro in users if not _macro_is_bound(macro)]
+  if missing:
+    raise UsageError("; ".join(
+        f"{macro} is not set, but {', '.join(dict.fromkeys(users[macro]))} needs it: add "
+        f"--gin.{macro}=VALUE or a gin file that sets it" for macro in missing))
+
+
+def check_entry_arguments(entry: str) -> None:
+  """Raises a `UsageError` naming each required argument of `entry` that gin does not bind."""
+  signature = inspect.signature(ENTRY_POINTS[entry])
+  missing = []
+  for name, parameter in signature.parameters.items():
+    if parameter.default is parameter.empty:
+      try:
+        gin.query_parameter(f"{entry}.{name}")
+      except ValueError:
+        missing.append(f"{entry}.{name}")
+  if missing:
+    raise UsageError(f"{', '.join(missing)} not bound: include the gin files that bind them (a "
+                     "models/*.gin file and a runs/*.gin file) or bind them with --gin.NAME=VALUE")
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              user_search_paths: Sequence[str] = ()) -> None:
+  """Parses the gin files in order, then the bindings; checks that every used macro is set."""
+  gin.clear_config()
+  paths = search_paths(user_search_paths)
+  for path in paths[1:]:
+    if path not in _ADDED_SEARCH_PATHS:
+      gin.add_config_file_search_path(path)
+      _ADDED_SEARCH_PATHS.add(path)
+  quiet = _QuietGinSearch()
+  logging.getLogger().addFilter(quiet)
+  try:
+    parsed = gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+  finally:
+    logging.getLogger().removeFilter(quiet)
+  check_macros(_parsed_files(parsed), gin_bindings, paths)
+  gin.finalize()
+
+
+def import_task_modules() -> None:
+  """Registers our tasks, and the user's from the MIXTURE_OR_TASK_MODULE macro."""
+  try:
+    module = gin.query_parameter(f"%{TASK_MODULE_MACRO}")
+  except ValueError:
+    module = None
+  if module:
+    tasks.import_task_module(module)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message without gin's call notes, on one line."""
+  message = _GIN_CALL_NOTE.sub("", str(error)) or type(error).__name__
+  return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
+  """Parses the command line and gin config, then calls the entry point (`train`, ...).
+
+  Returns:
+    What the entry point returns.
+
+  Raises:
+    SystemExit: with status 2 after printing `error: ...` when the input is bad.
+  """
+  args = parse_args(sys.argv[1:] if argv is None else argv, description)
+  maybe_initialize_distributed()
+  logging.getLogger("prompt_tuning_jax").setLevel(logging.INFO)
+  try:
+    parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
+    import_task_modules()
+    check_entry_arguments(entry)
+    return ENTRY_POINTS[entry]()
+  except USER_ERRORS as e:
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+def write_config(directory: str) -> None:
+  """Writes the operative gin config to `directory/config.gin` (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str())

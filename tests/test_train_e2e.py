@@ -1,0 +1,185 @@
+"""Training, evaluation and inference through the command line, from the real T5X tiny checkpoint.
+
+The model is `tests/gin/t5x_tiny.gin` (the checkpoint's architecture, a 3-token prompt) and the data
+the real SuperGLUE RTE files in ../shared/data.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import eval as eval_lib
+from prompt_tuning_jax import infer
+from prompt_tuning_jax import train
+from prompt_tuning_jax import trainer
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"
+CHECKPOINT = SHARED / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3"
+TEST_GIN_DIR = REPO_ROOT / "tests" / "gin"
+PROMPT_NAME = "encoder.prompt.prompt.prompt"
+
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not present")
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  """Leaves no gin bindings (e.g. DATA_DIR) behind for other tests."""
+  yield
+  gin.clear_config()
+
+
+def flags(run_file="runs/prompt_finetune.gin", **macros):
+  """Command-line flags for the tiny checkpoint on RTE; `macros` add or override `--gin.NAME`."""
+  values = {
+      "MIXTURE_OR_TASK_NAME": "'taskless_super_glue_rte_v102'",
+      "TASK_FEATURE_LENGTHS": "{'inputs': 32, 'targets': 4}",
+      "INITIAL_CHECKPOINT_PATH": repr(str(CHECKPOINT)),
+      "DATA_DIR": repr(str(SHARED / "data")),
+      "BATCH_SIZE": "4",
+  }
+  if run_file == "runs/prompt_finetune.gin":
+    values.update(TRAIN_STEPS="6", EVAL_PERIOD="0", CHECKPOINT_PERIOD="3")
+  values.update(macros)
+  return [f"--gin_search_paths={TEST_GIN_DIR}", "--gin_file=t5x_tiny.gin",
+          f"--gin_file={run_file}"] + [f"--gin.{name}={value}" for name, value in values.items()]
+
+
+def prompt_at(model_dir, step) -> np.ndarray:
+  return np.load(os.path.join(model_dir, "numpy_checkpoints", f"checkpoint_{step}", PROMPT_NAME))
+
+
+def listing(directory) -> dict[str, tuple[int, int]]:
+  """{relative path: (size, mtime_ns)} of every file and directory under `directory`."""
+  entries = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      stat = os.stat(path)
+      entries[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+  return entries
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """An uninterrupted 6-step run; returns (MODEL_DIR, the frozen params of its last step)."""
+  model_dir = tmp_path_factory.mktemp("full") / "run"
+  recorded = {}
+  compile_train_step = trainer.compile_train_step
+
+  def recording_compile(*args, **kwargs):
+    step = compile_train_step(*args, **kwargs)
+
+    def recording_step(state, frozen, batch):
+      recorded["frozen"] = frozen
+      return step(state, frozen, batch)
+    return recording_step
+
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
+    train.main(flags(MODEL_DIR=repr(str(model_dir))))
+  gin.clear_config()
+  return model_dir, jax.device_get(recorded["frozen"])
+
+
+def test_frozen_weights_stay_the_checkpoints(full_run):
+  _, frozen = full_run
+  _, expected = checkpoints.load_checkpoint(str(CHECKPOINT))
+  expected, frozen = checkpoints.flatten(expected), checkpoints.flatten(frozen)
+  assert sorted(frozen) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(frozen[name]), value, err_msg=name)
+
+
+def test_numpy_prompt_is_saved(full_run):
+  model_dir, _ = full_run
+  prompt = prompt_at(model_dir, 6)
+  assert prompt.shape == (3, 4) and prompt.dtype == np.float32
+  assert not np.array_equal(prompt, prompt_at(model_dir, 3))
+  assert (model_dir / "config.gin").is_file() and (model_dir / "train_metrics.jsonl").is_file()
+
+
+def test_restart_reaches_the_uninterrupted_prompt(full_run, tmp_path):
+  """Stopped at step 3, then resumed to 6 by `python -m prompt_tuning_jax.train` in a subprocess."""
+  model_dir = tmp_path / "run"
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="3"))
+  assert not (model_dir / "numpy_checkpoints" / "checkpoint_6").exists()
+  result = subprocess.run(
+      [sys.executable, "-m", "prompt_tuning_jax.train", *flags(MODEL_DIR=repr(str(model_dir)))],
+      cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+      text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed" in result.stderr and "Trained to step 6" in result.stdout
+  np.testing.assert_array_equal(prompt_at(model_dir, 6), prompt_at(full_run[0], 6))
+
+
+def expect_one_line_error(capsys, main, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2
+  assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+  assert message in err
+
+
+@pytest.mark.parametrize("macros, message", [
+    ({"INITIAL_CHECKPOINT_PATH": "'/no/such/checkpoint_1'"}, "does not exist"),
+    ({"t5_config.emb_dim": "8", "t5_config.head_dim": "4"}, "does not match the config"),
+    ({"train.mesh_shape": "(2, 1)"}, "mesh_shape (2, 1)"),
+    ({"train.num_microbatches": "3"}, "BATCH_SIZE=4"),
+    ({"PROMPT_LENGTH": "5"}, "prompt_length: 3 in the run, 5 now"),
+    ({"TASK_FEATURE_LENGTHS": "{'inputs': 32}"}, "TASK_FEATURE_LENGTHS"),
+], ids=["missing_checkpoint", "other_architecture", "mesh_devices", "batch_split",
+        "other_run_config", "feature_lengths"])
+def test_bad_input_leaves_model_dir_untouched(full_run, capsys, macros, message):
+  model_dir = full_run[0]
+  before = listing(model_dir)
+  argv = flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="9")
+  expect_one_line_error(capsys, train.main, argv + [f"--gin.{k}={v}" for k, v in macros.items()],
+                        message)
+  assert listing(model_dir) == before
+
+
+def test_other_architecture_writes_nothing_in_a_new_model_dir(tmp_path, capsys):
+  model_dir = tmp_path / "run"
+  argv = flags(MODEL_DIR=repr(str(model_dir))) + ["--gin.t5_config.num_encoder_layers=3"]
+  expect_one_line_error(capsys, train.main, argv, "does not match the config")
+  assert not model_dir.exists()
+
+
+def test_eval_and_infer_on_the_trained_prompt(full_run):
+  model_dir = full_run[0]
+  prompt_file = repr(str(model_dir / "numpy_checkpoints" / "checkpoint_6" / PROMPT_NAME))
+  eval_lib.main(flags("runs/prompt_eval.gin", PROMPT_FILE=prompt_file,
+                      EVAL_OUTPUT_DIR=repr(str(model_dir / "eval")), EVAL_NUM_EXAMPLES="8"))
+  with open(model_dir / "eval" / "metrics.json") as f:
+    assert 0 <= json.load(f)["taskless_super_glue_rte_v102"]["accuracy"] <= 100
+
+  infer.main(flags("runs/prompt_infer.gin", PROMPT_FILE=prompt_file,
+                   INFER_OUTPUT_DIR=repr(str(model_dir / "infer")), INFER_NUM_EXAMPLES="8"))
+  with open(model_dir / "infer" / "taskless_super_glue_rte_v102-validation.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 8
+  assert rows[0]["targets"] in ("entailment", "not_entailment") and "prediction" in rows[0]
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 8), np.float32), "shape (3, 8)"),
+    (np.zeros((3, 4), np.int32), "int32"),
+], ids=["shape", "dtype"])
+def test_eval_rejects_a_prompt_file_of_another_model(full_run, tmp_path, capsys, array, message):
+  model_dir = full_run[0]
+  before = listing(model_dir)
+  prompt_file = tmp_path / "prompt.npy"
+  np.save(prompt_file, array)
+  argv = flags("runs/prompt_eval.gin", PROMPT_FILE=repr(str(prompt_file)),
+               EVAL_OUTPUT_DIR=repr(str(model_dir / "bad_eval")))
+  expect_one_line_error(capsys, eval_lib.main, argv, message)
+  assert listing(model_dir) == before
