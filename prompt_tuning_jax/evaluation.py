@@ -98,6 +98,26 @@ class Predictor:
     return outputs
 
 
+def eval_loss(dataset, eval_step: Callable, trainable, frozen, batch_size: int,
+              features: tuple[str, ...]) -> dict[str, float]:
+  """Teacher-forced loss and token accuracy over a finite dataset of model features.
+
+  The last batch is padded with rows of zero loss weight, so `eval_step` compiles once.
+  """
+  totals = None
+  for batch in dataset.batch(batch_size).as_numpy_iterator():
+    real = len(next(iter(batch.values())))
+    batch = {k: np.pad(v, [(0, batch_size - real)] + [(0, 0)] * (v.ndim - 1))
+             for k, v in batch.items() if k in features}
+    metrics = jax.device_get(eval_step(trainable, frozen, batch))
+    totals = metrics if totals is None else jax.tree_util.tree_map(np.add, totals, metrics)
+  if totals is None:
+    return {}
+  tokens = max(float(totals["real_tokens"]), 1.0)
+  return {"loss_per_token": float(totals["loss"]) / tokens,
+          "token_accuracy": float(totals["correct_tokens"]) / tokens}
+
+
 def make_evaluator(mixture_or_task_name: str, feature_lengths: Mapping[str, int],
                    split: str = "validation", log_dir: Optional[str] = None,
                    num_examples: Optional[int] = None, write_predictions: bool = True

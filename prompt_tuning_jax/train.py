@@ -202,6 +202,13 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   evaluator = evaluation.make_evaluator(
       eval_name, task_feature_lengths, eval_split, log_dir=os.path.join(model_dir, "inference_eval"),
       num_examples=eval_num_examples) if eval_period else None
+  eval_dataset = seqio.get_dataset(
+      eval_name, task_feature_lengths=dict(task_feature_lengths), dataset_split=eval_split,
+      shuffle=False, num_epochs=1, use_cached=use_cached,
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      feature_converter=seqio.EncDecFeatureConverter(pack=False)) if eval_period else None
+  if eval_dataset is not None and eval_num_examples:
+    eval_dataset = eval_dataset.take(eval_num_examples)
 
   # ---- Shardings, state, compiled steps. ----
   boxed = jax.eval_shape(model.init, init_rng, tokens, tokens)["params"]
@@ -216,6 +223,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   train_step = trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh, loss_config,
                                           num_microbatches)
   predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+  eval_step = trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config)
 
   # ---- Everything checked: from here on MODEL_DIR is written. ----
   run_checkpoints.check_run_config(model_dir, _run_settings(
@@ -257,6 +265,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       if eval_period and (step % eval_period == 0 or step == train_steps):
         predictor.trainable = state.trainable
         results = evaluation.evaluate(evaluator, predictor, step)
+        metrics_log.write(step, evaluation.eval_loss(
+            eval_dataset, eval_step, state.trainable, frozen, per_process, _MODEL_FEATURES),
+            kind="eval")
         summary["eval"][step] = results
         for task, task_metrics in results.items():
           metrics_log.write(step, {k: v for k, v in task_metrics.items()

@@ -187,3 +187,18 @@ def test_rematerialisation_gives_the_same_loss_and_gradients(tiny_config):
   for remat in ("full", "dots"):
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                            results[remat], results["none"])
+
+
+def test_eval_loss_pads_the_last_batch_without_counting_it(setup):
+  """evaluation.eval_loss over 8 rows in batches of 3 equals one eval_step over all 8."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import evaluation  # pylint: disable=g-import-not-at-top
+  model, trainable, frozen, _ = setup
+  batch = make_batch(model.config.vocab_size)
+  step = jax.jit(functools.partial(trainer.eval_step, model=model))
+  whole = step(trainable, frozen, batch)
+  result = evaluation.eval_loss(tf.data.Dataset.from_tensor_slices(batch), step, trainable, frozen,
+                                3, tuple(batch))
+  tokens = float(whole["real_tokens"])
+  assert result["loss_per_token"] == pytest.approx(float(whole["loss"]) / tokens, rel=1e-5)
+  assert result["token_accuracy"] == pytest.approx(float(whole["correct_tokens"]) / tokens)
