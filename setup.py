@@ -55,6 +55,8 @@ setuptools.setup(
         "prompt-tuning-train=prompt_tuning_jax.train:main",
         "prompt-tuning-eval=prompt_tuning_jax.eval:main",
         "prompt-tuning-infer=prompt_tuning_jax.infer:main",
+        "prompt-tuning-ensemble-eval=prompt_tuning_jax.ensemble:main",
+        "prompt-tuning-serve=prompt_tuning_jax.serve:main",
         "prompt-tuning-demo=prompt_tuning_jax.demo:main",
         "prompt-tuning-inspect=prompt_tuning_jax.inspect:main",
         "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",

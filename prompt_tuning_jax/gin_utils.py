@@ -25,6 +25,7 @@ import jax
 
 import prompt_tuning_jax
 from prompt_tuning_jax import config
+from prompt_tuning_jax import ensemble
 from prompt_tuning_jax import eval as eval_lib
 from prompt_tuning_jax import evaluation
 from prompt_tuning_jax import infer as infer_lib
@@ -46,6 +47,7 @@ ENTRY_POINTS = {
     "train": gin.external_configurable(train_lib.train, "train"),
     "evaluate": gin.external_configurable(eval_lib.evaluate_prompt, "evaluate"),
     "infer": gin.external_configurable(infer_lib.infer, "infer"),
+    "evaluate_ensemble": gin.external_configurable(ensemble.evaluate_ensemble, "evaluate_ensemble"),
 }
 gin.external_configurable(config.t5_config, "t5_config")
 gin.external_configurable(trainer.LossConfig, "LossConfig")

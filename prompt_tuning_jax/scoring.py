@@ -14,8 +14,10 @@ def shift_right(targets: jax.Array) -> jax.Array:
 
 def sequence_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Sum of log p(target token) over non-pad (id > 0) positions: `[b, t, vocab]`, `[b, t]` -> `[b]`."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  # logit[target] - logsumexp(logits): no `[b, t, vocab]` log-softmax is materialised.
+  token_log_probs = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+                     - jax.nn.logsumexp(logits, axis=-1))
   return jnp.sum(jnp.where(targets > 0, token_log_probs, 0.0), axis=-1)
 
 
