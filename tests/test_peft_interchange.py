@@ -18,41 +18,18 @@ from prompt_tuning_jax import prompts
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+from hf_reference import COMMON, VERSIONS, VOCAB, random_t5  # noqa: E402  (needs torch)
 
-VOCAB = 64
 PROMPT_LENGTH = 5
-COMMON = dict(vocab_size=VOCAB, d_model=16, d_kv=6, num_heads=3, num_layers=2, num_decoder_layers=3,
-              relative_attention_num_buckets=8, relative_attention_max_distance=20,
-              dropout_rate=0.0, decoder_start_token_id=0)
-VERSIONS = {
-    "t5_1_0": dict(d_ff=24, feed_forward_proj="relu"),
-    "t5_1_1": dict(d_ff=20, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
 RELEASED = ("sst2", "mrpc", "rte")
 
-
-def _hf_model(version: str):
-  """A random HF T5; T5 1.1 gets its own `lm_head` (see test_hf_parity)."""
-  torch.manual_seed(len(version))
-  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**COMMON, **VERSIONS[version]))
-  if version == "t5_1_1":
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, COMMON["d_model"]) * 0.3)
-    model.all_tied_weights_keys.pop("lm_head.weight")
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if name.endswith("layer_norm.weight"):
-        param.uniform_(0.5, 1.5)
-      elif "relative_attention_bias" in name:
-        param.normal_(0.0, 1.0)
-  return model.eval()
-
+peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module", params=sorted(VERSIONS))
 def saved(request, tmp_path_factory):
   """(HF model directory, our config, our frozen params, jitted prompted apply) per T5 version."""
   path = tmp_path_factory.mktemp(request.param)
-  _hf_model(request.param).save_pretrained(path)
+  random_t5(request.param, seed=len(request.param)).save_pretrained(path)
   config, params = checkpoints.load_checkpoint(str(path))
   apply = jax.jit(network.T5(config, prompts.PromptConfig(PROMPT_LENGTH)).apply)
   return path, config, params, apply
