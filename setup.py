@@ -26,11 +26,13 @@ INSTALL_REQUIRES = [
     "scipy",
     "tensorboard>=2.21,<2.22",
     "tqdm",
+    "matplotlib",
 ]
 
 EXTRAS_REQUIRE = {
     # Reference implementations the tests compare against. torch is pinned to the CPU build on disk.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "peft>=0.21"],
+    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "peft>=0.21", "nbclient",
+             "nbformat", "ipykernel"],
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11"],
 }
@@ -59,6 +61,7 @@ setuptools.setup(
         "prompt-tuning-serve=prompt_tuning_jax.serve:main",
         "prompt-tuning-demo=prompt_tuning_jax.demo:main",
         "prompt-tuning-inspect=prompt_tuning_jax.inspect:main",
+        "prompt-tuning-report=prompt_tuning_jax.report:main",
         "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",
     ]},
 )
