@@ -9,10 +9,11 @@ The library is gin-free; this module registers its plain functions and classes w
   --gin.MODEL_DIR="'/tmp/run'" --gin_search_paths=/my/configs
 
 into a call of one of them. Gin files are found in the working directory, then in
-`--gin_search_paths`, then in the package's own `gin_configs/`. Bad input ends the program with one
-line, `error: ...`, and exit status 2.
+`--gin_search_paths`, then in the package's own `gin_configs/`. Bad input (and a failure such as a
+full disk or a NaN loss) ends the program with one line, `error: ...`, and exit status 2.
 """
 import argparse
+import copy
 import inspect
 import logging
 import os
@@ -38,8 +39,10 @@ from prompt_tuning_jax import vocabularies
 
 PACKAGE_GIN_DIR = os.path.join(os.path.dirname(prompt_tuning_jax.__file__), "gin_configs")
 TASK_MODULE_MACRO = "MIXTURE_OR_TASK_MODULE"
-# Errors that mean bad input rather than a bug (`CheckpointError` and `DataNotFoundError` among them):
-# reported in one line, exit status 2.
+CLASS_LABELS_MACRO = "CLASS_LABELS"
+# Errors that mean bad input, or a failure the user must act on (a full disk, a NaN loss), rather than
+# a bug (`CheckpointError`, `DataNotFoundError` and `train.NonFiniteError` among them): reported in one
+# line, exit status 2.
 USER_ERRORS = (ValueError, OSError, ImportError)
 USAGE_EXIT_CODE = 2
 
@@ -216,6 +219,13 @@ def one_line(error: BaseException) -> str:
   return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def _class_labels(entry: str) -> dict[str, Any]:
+  """`{'class_labels': CLASS_LABELS}` for `train` when the macro is set (to check them), else `{}`."""
+  if entry != "train" or not _macro_is_bound(CLASS_LABELS_MACRO):
+    return {}
+  return {"class_labels": list(gin.query_parameter(f"%{CLASS_LABELS_MACRO}"))}
+
+
 def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
   """Parses the command line and gin config, then calls the entry point (`train`, ...).
 
@@ -232,7 +242,7 @@ def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
     parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
     import_task_modules()
     check_entry_arguments(entry)
-    return ENTRY_POINTS[entry]()
+    return ENTRY_POINTS[entry](**_class_labels(entry))
   except USER_ERRORS as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
     raise SystemExit(USAGE_EXIT_CODE) from None
@@ -244,3 +254,24 @@ def write_config(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
+
+
+def train_settings(gin_files: Sequence[str], gin_bindings: Sequence[str],
+                   user_search_paths: Sequence[str] = ()) -> dict[str, Any]:
+  """The keyword arguments the train entry point would be called with, without calling it.
+
+  Parses the gin config as `run("train", ...)` does; each bound `train.*` parameter is evaluated (its
+  `@configurable()` references called, its `%MACRO`s resolved), and unbound ones take `train`'s
+  defaults.
+  """
+  parse_gin(gin_files, gin_bindings, user_search_paths)
+  import_task_modules()
+  check_entry_arguments("train")
+  settings = {}
+  for name, parameter in inspect.signature(train_lib.train).parameters.items():
+    try:
+      # Gin's references evaluate themselves when deep-copied, as gin does when it calls `train`.
+      settings[name] = copy.deepcopy(gin.query_parameter(f"train.{name}"))
+    except ValueError:
+      settings[name] = parameter.default
+  return settings

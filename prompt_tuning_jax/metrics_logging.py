@@ -46,6 +46,12 @@ class MetricsLogger:
       text = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
       (self._bar.write if self._bar else logger.info)(f"step {step} {kind}: {text}")
 
+  def record(self, step: int, values: Mapping[str, float], kind: str):
+    """Adds a row to `train_metrics.jsonl` only (e.g. debugging data, not for TensorBoard)."""
+    if self.primary:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+
   def _show(self, step: int, metrics: Mapping[str, float]):
     summary = {k: f"{metrics[k]:.4g}" for k in ("loss", "accuracy", "examples_per_second")
                if k in metrics}

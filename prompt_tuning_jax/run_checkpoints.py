@@ -8,15 +8,25 @@ A run's MODEL_DIR holds:
                                            suffix; NAME is its dotted path, as in the official code:
                                            `encoder.prompt.prompt.prompt`.
   best -> .best-XXXX/                      the best prompt so far: numpy files and `best.json`.
+  checkpoints/corrupt-N/, numpy_checkpoints/corrupt-checkpoint_N/
+                                           a checkpoint found unreadable on restore, moved aside.
 
 The frozen model is never saved: a resumed run re-reads it from its initial checkpoint, so a checkpoint
 of an XXL run is megabytes. Every write is atomic (a temporary name, then a rename) and nothing is
-overwritten: a save of a step that exists is refused.
+overwritten: a save of a step that exists is refused. A checkpoint exists once orbax has renamed it into
+place; its numpy files follow, and a restore writes them again if a kill cut them off.
+
+`fault_point` is a test hook: with `PROMPT_TUNING_FAULT=<point>:<step>` in the environment, the process
+SIGKILLs itself (SIGTERMs itself for the point `sigterm`) when it reaches that point at that step.
 """
+import errno
+import glob
 import json
+import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
@@ -35,6 +45,24 @@ BEST_DIR = "best"
 BEST_FILE = "best.json"
 STATE_ITEM = "state"
 DATA_POSITION_ITEM = "data_position"
+CORRUPT_PREFIX = "corrupt-"
+FAULT_ENV = "PROMPT_TUNING_FAULT"
+
+logger = logging.getLogger("prompt_tuning_jax")
+
+
+def fault_point(point: str, step: int) -> None:
+  """Test hook: kills this process at `point` of step `step` if `$PROMPT_TUNING_FAULT` names them.
+
+  `PROMPT_TUNING_FAULT=mid_save:4` sends SIGKILL to the process in the save of step 4;
+  `sigterm:<step>` sends SIGTERM at `mid_step` instead (a preemption notice). Without the variable,
+  nothing happens.
+  """
+  fault = os.environ.get(FAULT_ENV)
+  if fault == f"{point}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
+  elif point == "mid_step" and fault == f"sigterm:{step}":
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def numpy_file_name(path: str) -> str:
@@ -103,6 +131,9 @@ class RunCheckpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                              cleanup_tmp_directories=True))
     self._best = _read_best(os.path.join(model_dir, BEST_DIR))
+    if jax.process_index() == 0:  # What a kill while writing numpy files left (orbax cleans its own).
+      for leftover in glob.glob(os.path.join(model_dir, NUMPY_DIR, ".checkpoint_*.tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
   def all_steps(self) -> list[int]:
     """The steps of the complete checkpoints, ascending."""
@@ -119,54 +150,122 @@ class RunCheckpointer:
     the oldest checkpoint beyond `keep`.
 
     Raises:
-      CheckpointError: step `step` (or its numpy directory) exists already; nothing is written.
+      CheckpointError: step `step` (or its numpy directory) exists already; nothing is written. Or
+        the save failed (e.g. the disk is full): what it wrote is removed, earlier steps are intact.
     """
     step = int(step)
-    numpy_dir = os.path.join(self.model_dir, NUMPY_DIR, f"checkpoint_{step}")
+    numpy_dir = self._numpy_dir(step)
     if step in self.all_steps() or os.path.exists(numpy_dir):
       raise CheckpointError(f"Step {step} exists already in {self.model_dir} ({self.directory}/{step} "
                             f"or {numpy_dir}); checkpoints are never overwritten. Resume from the "
                             "latest checkpoint instead of saving this step again.")
     arrays = _host_arrays(state.trainable)
-    self._manager.save(step, force=True, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(state),
-           DATA_POSITION_ITEM: ocp.args.JsonSave(dict(data_position))}))
-    self._manager.wait_until_finished()
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(numpy_dir), exist_ok=True)
-      _write_numpy_dir(numpy_dir, arrays)
+    try:
+      self._manager.save(step, force=True, args=ocp.args.Composite(
+          **{STATE_ITEM: ocp.args.StandardSave(state),
+             DATA_POSITION_ITEM: ocp.args.JsonSave(dict(data_position))}))
+      self._manager.wait_until_finished()
+      fault_point("mid_save", step)
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(numpy_dir), exist_ok=True)
+        _write_numpy_dir(numpy_dir, arrays)
+    except Exception as e:  # orbax and tensorstore raise many unrelated types.
+      self._remove_unfinished(step)
+      kept = self.all_steps()
+      no_space = " (the disk is full)" if _is_no_space(e) else ""
+      raise CheckpointError(
+          f"Saving checkpoint {step} in {self.model_dir} failed{no_space}: {type(e).__name__}: {e}\n"
+          + (f"The checkpoints of steps {kept} are intact; rerun the same command to resume from "
+             f"step {kept[-1]}" if kept else "No earlier checkpoint exists")
+          + (" once there is space." if no_space else ".")) from e
 
   def restore(self, step: Optional[int] = None, *, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """(state, data_position) of step `step` (None: the latest).
+    """(state, data_position) of step `step`, or of the latest checkpoint that reads back whole.
+
+    Without `step`, an unreadable latest checkpoint (a missing or truncated file, garbled metadata, a
+    prompt that differs from its numpy copy) is reported in one log line and moved aside to
+    `checkpoints/corrupt-N` (its numpy directory to `numpy_checkpoints/corrupt-checkpoint_N`), and the
+    one before it is tried. A checkpoint whose numpy files a kill cut off gets them written again.
 
     Args:
-      step: the step to restore; None for the latest.
+      step: the step to restore; None for the latest good one.
       abstract_state: the state's structure: a fresh `TrainState`, or `jax.eval_shape` of one
         (`jax.ShapeDtypeStruct` leaves, with shardings to place the arrays). The restored state has
         its pytree structure (optax's named tuples included) and the saved values, bit for bit.
 
     Raises:
-      CheckpointError: there is no such checkpoint, or it is unreadable or does not fit the state.
+      CheckpointError: there is no such checkpoint, or it (with `step`: every one) is unreadable or
+        does not fit the state.
     """
     steps = self.all_steps()
     if step is None and not steps:
       raise CheckpointError(f"No checkpoint to resume from in {self.directory}; start the run from "
                             "scratch.")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise CheckpointError(f"No checkpoint of step {step} in {self.directory}: it has steps {steps}.")
+    if step is not None:
+      if int(step) not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} in {self.directory}: it has steps {steps}.")
+      return self._restore_step(int(step), abstract_state)
+    for candidate in reversed(steps):
+      try:
+        return self._restore_step(candidate, abstract_state)
+      except CheckpointError as e:
+        error = e
+        moved = self._move_aside(candidate)
+        logger.warning("Checkpoint %s/%d is unreadable (%s); moved it to %s and trying the one "
+                       "before.", self.directory, candidate, _first_line(e.__cause__ or e), moved)
+    raise CheckpointError(f"No checkpoint in {self.directory} reads back whole: the oldest, step "
+                          f"{steps[0]}, failed with {_first_line(error.__cause__ or error)}. Use a new "
+                          "MODEL_DIR.")
+
+  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
              DATA_POSITION_ITEM: ocp.args.JsonRestore()}))
+      arrays = _host_arrays(restored[STATE_ITEM].trainable)
+      self._check_numpy_copy(step, arrays)
     except Exception as e:  # orbax and tensorstore raise many unrelated types.
-      earlier = [s for s in steps if s < step]
+      earlier = [s for s in self.all_steps() if s < step]
       raise CheckpointError(
           f"Cannot restore checkpoint {self.directory}/{step} (corrupt, incomplete, or of a run with "
           f"another config): {type(e).__name__}: {e}\nMove that directory out of {self.directory} "
           + (f"to resume from step {earlier[-1]}" if earlier else "to start from scratch")
           + ", or use a new MODEL_DIR.") from e
+    if jax.process_index() == 0 and not os.path.exists(self._numpy_dir(step)):
+      _write_numpy_dir(self._numpy_dir(step), arrays)
     return restored[STATE_ITEM], restored[DATA_POSITION_ITEM]
+
+  def _numpy_dir(self, step: int) -> str:
+    return os.path.join(self.model_dir, NUMPY_DIR, f"checkpoint_{step}")
+
+  def _check_numpy_copy(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raises a ValueError if step `step`'s numpy files exist and differ from `arrays`."""
+    numpy_dir = self._numpy_dir(step)
+    if not os.path.isdir(numpy_dir):
+      return
+    for name, array in arrays.items():
+      saved = np.load(os.path.join(numpy_dir, name), allow_pickle=False)
+      if saved.shape != array.shape or not np.array_equal(saved, array, equal_nan=True):
+        raise ValueError(f"its {name} differs from its numpy copy {numpy_dir}/{name}")
+
+  def _move_aside(self, step: int) -> str:
+    """Renames step `step`'s checkpoint and numpy directories to `corrupt-...`; returns the first."""
+    moved = _unused_name(os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}"))
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), moved)
+      numpy_dir = self._numpy_dir(step)
+      if os.path.exists(numpy_dir):
+        os.rename(numpy_dir, _unused_name(os.path.join(os.path.dirname(numpy_dir),
+                                                       CORRUPT_PREFIX + os.path.basename(numpy_dir))))
+    multihost_utils.sync_global_devices(f"move aside checkpoint {step}")
+    self._manager.reload()
+    return moved
+
+  def _remove_unfinished(self, step: int) -> None:
+    """Deletes orbax's temporary directory of a failed save of `step` (the numpy writer cleans up)."""
+    if jax.process_index() == 0:
+      for leftover in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
   def best_metric(self) -> Optional[dict[str, Any]]:
     """`{'step': ..., 'metric': ..., 'value': ...}` of the best prompt saved, or None."""
@@ -211,6 +310,28 @@ def _host_arrays(trainable: Any) -> dict[str, np.ndarray]:
     return np.asarray(leaf)
   return {numpy_file_name(path): to_numpy(leaf)
           for path, leaf in checkpoints.flatten(trainable).items()}
+
+
+def _first_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _is_no_space(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) says the disk is full."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _unused_name(path: str) -> str:
+  """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
+  candidate, n = path, 0
+  while os.path.lexists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
 
 
 def _write_numpy_files(directory: str, arrays: Mapping[str, np.ndarray]) -> None:

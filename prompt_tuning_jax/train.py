@@ -4,13 +4,19 @@
 from INITIAL_CHECKPOINT_PATH, builds the prompt, shards both over a `(data, model)` mesh, streams the
 seqio task, runs the compiled train step, evaluates every `eval_period` steps, and saves the resume state
 (prompt, optimizer state, step, data position) plus the prompt as numpy. Restarting the same command
-resumes from the latest checkpoint and reaches the same prompt as an uninterrupted run.
+resumes from the latest checkpoint that reads back whole and reaches the same prompt as an uninterrupted
+run: the data order is a function of (seed, step). SIGTERM (a preemption notice) saves a checkpoint at
+the current step and returns; a NaN or Inf loss or prompt stops the run (or, with
+`skip_nonfinite_steps`, drops that step's update) and keeps the last good checkpoint.
 """
 import dataclasses
 import inspect
 import logging
 import os
+import signal
+import threading
 import time
+import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -19,17 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import seqio
+from jax.experimental import multihost_utils
 
 from prompt_tuning_jax import (checkpoints, evaluation, freezing, metrics_logging, optimizers,
                                partitioning, prompt_initializers, prompts, run_checkpoints, trainer)
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
+from prompt_tuning_jax.run_checkpoints import fault_point
 
 logger = logging.getLogger("prompt_tuning_jax")
 
 # Settings a resumed run may change; any other difference from the run in MODEL_DIR is an error.
 MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
-                        "log_period", "eval_num_examples")
+                        "log_period", "eval_num_examples", "skip_nonfinite_steps")
+
+
+class NonFiniteError(ValueError):
+  """The loss or the prompt became NaN or Inf; the run stopped before saving it."""
 
 
 def build_prompt_init(factory: Callable[..., prompts.Initializer], embedding: np.ndarray,
@@ -54,7 +66,11 @@ def task_vocabulary(name: str) -> seqio.Vocabulary:
 def check_feature_lengths(feature_lengths: Mapping[str, int], prompt_length: int,
                           max_encoder_length: Optional[int]):
   """TASK_FEATURE_LENGTHS needs positive `inputs` and `targets`; with the prompt, the encoder's
-  length (inputs + PROMPT_LENGTH) must fit `max_encoder_length` when one is set."""
+  length (inputs + PROMPT_LENGTH) must fit `max_encoder_length` when one is set. Inputs longer than
+  `inputs` are cut, as in T5 (the prompt takes no input positions)."""
+  if not isinstance(feature_lengths, Mapping):
+    raise ValueError(f"TASK_FEATURE_LENGTHS must be a dict, got {feature_lengths!r}; e.g. "
+                     "{'inputs': 512, 'targets': 8}.")
   for key in ("inputs", "targets"):
     if not isinstance(feature_lengths.get(key), int) or feature_lengths[key] <= 0:
       raise ValueError(f"TASK_FEATURE_LENGTHS must give a positive int for {key!r}, got "
@@ -64,6 +80,28 @@ def check_feature_lengths(feature_lengths: Mapping[str, int], prompt_length: int
         f"TASK_FEATURE_LENGTHS['inputs']={feature_lengths['inputs']} plus PROMPT_LENGTH={prompt_length} "
         f"is {feature_lengths['inputs'] + prompt_length}, more than max_encoder_length="
         f"{max_encoder_length}; shorten the inputs to {max_encoder_length - prompt_length} or less.")
+
+
+def check_prompt_length(prompt_length: int):
+  if not isinstance(prompt_length, int) or isinstance(prompt_length, bool) or prompt_length <= 0:
+    raise ValueError(f"PROMPT_LENGTH must be a positive int, got {prompt_length!r}; the paper uses 100.")
+
+
+def check_class_labels(class_labels: Sequence[str], targets_length: int,
+                       vocabulary: seqio.Vocabulary):
+  """Each class label must tokenise to something, and fit TASK_FEATURE_LENGTHS['targets'] with EOS
+  (a label cut short can never be predicted)."""
+  lengths = {}
+  for label in class_labels:
+    lengths[label] = len(vocabulary.encode(label))
+    if not lengths[label]:
+      raise ValueError(f"CLASS_LABELS: the label {label!r} tokenises to nothing; give the task's "
+                       "label words, e.g. ['entailment', 'not_entailment'].")
+  longest = max(lengths, key=lengths.get, default=None)
+  if longest is not None and lengths[longest] + 1 > targets_length:
+    raise ValueError(f"TASK_FEATURE_LENGTHS['targets']={targets_length} is shorter than the label "
+                     f"{longest!r}: {lengths[longest]} tokens plus EOS; use 'targets': "
+                     f"{lengths[longest] + 1} or more.")
 
 
 def place_on_mesh(tree, shardings):
@@ -150,20 +188,32 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           checkpoint_period: Optional[int] = None, keep_checkpoints: int = 3,
           log_period: int = 10, seed: int = 0, shuffle: bool = True, use_cached: bool = False,
           max_encoder_length: Optional[int] = None,
-          progress_bar: Optional[bool] = None) -> dict[str, Any]:
+          progress_bar: Optional[bool] = None, class_labels: Sequence[str] = (),
+          skip_nonfinite_steps: bool = False, log_batch_hashes: bool = False) -> dict[str, Any]:
   """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
 
   Args mirror T5X's macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS,
   BATCH_SIZE (global), INITIAL_CHECKPOINT_PATH (None: a random frozen model, for demos and tests),
   PROMPT_LENGTH. `prompt_init` is an initialiser factory (e.g. `prompt_initializers.from_class_labels`
   with its `class_labels` bound); `best_metric` names an eval metric (`"accuracy"`) whose best value
-  keeps its prompt in `MODEL_DIR/best`. Everything is checked before anything is written.
+  keeps its prompt in `MODEL_DIR/best`. `class_labels` (CLASS_LABELS) are checked against the
+  targets' length. `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or
+  Inf instead of stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
+  `train_metrics.jsonl`. Everything is checked before anything is written.
+
+  Returns:
+    The summary; `preempted` is True when SIGTERM stopped the run after saving its current step.
+
+  Raises:
+    NonFiniteError: the loss or the prompt became NaN or Inf (without `skip_nonfinite_steps`).
   """
   # ---- Check everything that can be checked before any work. ----
+  check_prompt_length(prompt_length)
   check_feature_lengths(task_feature_lengths, prompt_length, max_encoder_length)
   if train_steps <= 0 or batch_size <= 0:
     raise ValueError(f"TRAIN_STEPS and BATCH_SIZE must be positive, got {train_steps}, {batch_size}.")
   vocabulary = task_vocabulary(mixture_or_task_name)
+  check_class_labels(class_labels, task_feature_lengths["targets"], vocabulary)
   eval_name = eval_mixture_or_task_name or mixture_or_task_name
   if eval_period:
     task_vocabulary(eval_name)
@@ -233,7 +283,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
       loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, log_period=log_period,
-      eval_num_examples=eval_num_examples, seed=seed), mutable_keys=MUTABLE_RUN_SETTINGS)
+      eval_num_examples=eval_num_examples, seed=seed, skip_nonfinite_steps=skip_nonfinite_steps),
+      mutable_keys=MUTABLE_RUN_SETTINGS)
   checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=keep_checkpoints)
   data_position = {"batches_consumed": 0}
   if checkpointer.latest_step() is not None:
@@ -241,30 +292,55 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     state = jax.device_put(state, state_sh)
     logger.info("Resumed from %s at step %d.", model_dir, int(state.step))
   start_step = int(state.step)
-  # The same shuffled stream on every run; a resumed run skips the batches already consumed.
+  fault_point("startup", start_step)
+  # The same shuffled stream on every run (a function of the seed): batch s is the one of step s + 1,
+  # and a resumed run skips the batches already consumed.
   batches = dataset.batch(per_process, drop_remainder=True).skip(
       data_position["batches_consumed"]).as_numpy_iterator()
 
   metrics_log = metrics_logging.MetricsLogger(model_dir, train_steps, start_step, progress_bar)
   checkpoint_period = checkpoint_period or eval_period or train_steps
   summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step, "eval": {}}
-  window, window_start = None, time.time()
+  window, last_metrics, window_start = None, None, time.time()
   step = start_step
+  preemption = _Preemption()
   try:
     while step < train_steps:
       local = next(batches)
+      if log_batch_hashes:
+        metrics_log.record(step + 1, {"hash": _batch_hash(local)}, kind="batch")
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local.items() if k in _MODEL_FEATURES}
+      previous = jax.tree_util.tree_map(jnp.copy, state) if skip_nonfinite_steps else None
       state, metrics = train_step(state, frozen, batch)
       step += 1
-      window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
-      if step % log_period == 0 or step == train_steps:
-        summary["train"] = _log_window(metrics_log, step, window, metrics, time.time() - window_start,
-                                       state)
+      fault_point("mid_step", step)
+      loss_finite, prompt_finite = jax.device_get(_finiteness(metrics["loss"], state.trainable))
+      if not (loss_finite and prompt_finite):
+        what = "loss" if not loss_finite else "prompt"
+        if previous is None:
+          latest = checkpointer.latest_step()
+          raise NonFiniteError(
+              f"Step {step}: the {what} is NaN or Inf; stopped without saving it. "
+              + (f"The last good checkpoint is step {latest} in {checkpointer.directory}. "
+                 if latest is not None else "No checkpoint has been saved yet. ")
+              + "Lower the learning rate, or set --gin.train.skip_nonfinite_steps=True to drop such "
+              "steps.")
+        logger.warning("Step %d: the %s is NaN or Inf; its update is dropped "
+                       "(skip_nonfinite_steps).", step, what)
+        state = previous.replace(step=previous.step + 1)
+      else:
+        window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
+        last_metrics = metrics
+      if window is not None and (step % log_period == 0 or step == train_steps):
+        summary["train"] = _log_window(metrics_log, step, window, last_metrics,
+                                       time.time() - window_start, state)
         window, window_start = None, time.time()
-      if eval_period and (step % eval_period == 0 or step == train_steps):
+      preempted = preemption.requested()
+      if eval_period and (step % eval_period == 0 or step == train_steps) and not preempted:
         predictor.trainable = state.trainable
         results = evaluation.evaluate(evaluator, predictor, step)
+        fault_point("mid_eval", step)
         metrics_log.write(step, evaluation.eval_loss(
             eval_dataset, eval_step, state.trainable, frozen, per_process, _MODEL_FEATURES),
             kind="eval")
@@ -276,9 +352,16 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           value = _find_metric(results, best_metric)
           checkpointer.save_best_prompt(step, state.trainable, best_metric, value,
                                         higher_is_better=best_higher_is_better)
-      if step % checkpoint_period == 0 or step == train_steps:
+      if step % checkpoint_period == 0 or step == train_steps or preempted:
         checkpointer.save(step, state, {"batches_consumed": step})
+        fault_point("after_save", step)
+      if preempted:
+        logger.warning("SIGTERM: saved checkpoint %d in %s and stopped; rerun the same command to "
+                       "resume.", step, checkpointer.directory)
+        summary["preempted"] = True
+        break
   finally:
+    preemption.restore()
     metrics_log.close()
     checkpointer.close()
   summary.update(final_step=step, prompt=np.asarray(state.trainable["encoder"]["prompt"]["prompt"]
@@ -289,6 +372,43 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
 
 _MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                    "decoder_loss_weights")
+
+
+class _Preemption:
+  """Turns SIGTERM (how preemption arrives) into a flag the loop reads at each step boundary."""
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._receive)
+
+  def _receive(self, signum, frame):
+    del signum, frame
+    self._received = True
+
+  def requested(self) -> bool:
+    """Whether any process has received SIGTERM (all processes agree, so they stop together)."""
+    if jax.process_count() == 1:
+      return self._received
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._received))))
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def _finiteness(loss, trainable) -> tuple[jax.Array, jax.Array]:
+  """(the loss is finite, every trainable value is finite)."""
+  leaves = jax.tree_util.tree_leaves(trainable)
+  return jnp.isfinite(loss), jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _batch_hash(batch: Mapping[str, np.ndarray]) -> int:
+  """CRC32 of a batch's tokens (fits a float exactly, for `train_metrics.jsonl`)."""
+  return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)
+                             if k in _MODEL_FEATURES))
 
 
 def _log_window(metrics_log, step: int, window, last, seconds: float, state):
@@ -333,6 +453,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   step = summary["final_step"]
   prompt_file = os.path.join(summary["numpy_checkpoints"], f"checkpoint_{step}",
                              run_checkpoints.numpy_file_name(checkpoints.PROMPT_PATH))
+  if summary.get("preempted"):
+    print(f"Stopped by SIGTERM at step {step}, checkpoint saved; rerun the same command to resume. "
+          f"MODEL_DIR: {summary['model_dir']}")
+    return
   print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\nPrompt (numpy): {prompt_file}")
 
 

@@ -65,15 +65,26 @@ def _open_text(path: str) -> io.TextIOBase:
   return open(path, encoding="utf-8-sig", newline="")
 
 
-def read_jsonl(path: str) -> Iterator[Example]:
-  """Yields the JSON object on each non-empty line of `path`."""
-  with _open_text(path) as f:
-    for line_number, line in enumerate(f, start=1):
+def _numbered_jsonl(path: str) -> Iterator[tuple[int, Example]]:
+  """Yields (line number, JSON object) of each non-empty line of a (possibly gzipped) UTF-8 file."""
+  with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not valid UTF-8 ({e.reason} at byte {e.start} of "
+                         "the line); save the file as UTF-8.") from None
       if line.strip():
         try:
-          yield json.loads(line)
+          yield line_number, json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_number}: not a JSON line: {e}") from e
+
+
+def read_jsonl(path: str) -> Iterator[Example]:
+  """Yields the JSON object on each non-empty line of `path`."""
+  for _, row in _numbered_jsonl(path):
+    yield row
 
 
 def read_tsv(path: str, fieldnames: Optional[Sequence[str]] = None) -> Iterator[dict[str, str]]:
@@ -88,14 +99,21 @@ def read_tsv(path: str, fieldnames: Optional[Sequence[str]] = None) -> Iterator[
 
 
 def _label_id(label: Any, label_names: Sequence[str]) -> int:
-  """A label as its class id: a name, a bool, or an int (or its string)."""
+  """A label as its class id: a name, a bool, or an int (or its string); -1 means unlabelled."""
   if isinstance(label, bool):
     return int(label)
   if label in label_names:
     return label_names.index(label)
   if str(label).strip() in ("True", "False"):
     return int(str(label).strip() == "True")
-  return int(label)
+  try:
+    class_id = int(label)
+  except (TypeError, ValueError):
+    class_id = None
+  if class_id is None or not -1 <= class_id < len(label_names):
+    raise ValueError(f"the label {label!r} is none of {list(label_names)} nor a class id in "
+                     f"[0, {len(label_names) - 1}] (or -1, unlabelled)")
+  return class_id
 
 
 def fix_wsc_spans(example: Example) -> Example:
@@ -153,23 +171,35 @@ def super_glue_examples(task: str, path: str) -> Iterator[Example]:
     task: the TFDS config name: boolq, cb, copa, multirc, record, rte, wic, wsc.fixed, axb or axg.
     path: the jsonl file (e.g. `RTE/val.jsonl` of the official download).
   """
-  for row in read_jsonl(path):
-    if task == "record":
-      yield from _record_examples(row)
-    elif task == "multirc":
-      yield from _multirc_examples(row)
+  for line_number, row in _numbered_jsonl(path):
+    try:
+      examples = list(_super_glue_row_examples(task, row))
+    except KeyError as e:
+      fields = _SUPER_GLUE_TEXT_FEATURES.get(task)
+      expected = f"; a SuperGLUE {task} line has {[*fields, 'idx']}" if fields else ""
+      raise ValueError(f"{path}:{line_number}: the field {e.args[0]!r} is missing{expected}.") from None
+    except ValueError as e:
+      raise ValueError(f"{path}:{line_number}: {str(e).rstrip('.')}.") from None
+    yield from examples
+
+
+def _super_glue_row_examples(task: str, row: Mapping[str, Any]) -> Iterator[Example]:
+  if task == "record":
+    yield from _record_examples(row)
+  elif task == "multirc":
+    yield from _multirc_examples(row)
+  else:
+    if task == "wsc.fixed":
+      example = {k: row["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}
+      example["text"] = row["text"]
+      example["idx"] = row["idx"]
+      example = fix_wsc_spans(example)
     else:
-      if task == "wsc.fixed":
-        example = {k: row["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}
-        example["text"] = row["text"]
-        example["idx"] = row["idx"]
-        example = fix_wsc_spans(example)
-      else:
-        example = {name: row[name] for name in _SUPER_GLUE_TEXT_FEATURES[task]}
-        example["idx"] = row["idx"]
-      label = row.get("label")
-      example["label"] = -1 if label is None else _label_id(label, SUPER_GLUE_LABELS[task])
-      yield example
+      example = {name: row[name] for name in _SUPER_GLUE_TEXT_FEATURES[task]}
+      example["idx"] = row["idx"]
+    label = row.get("label")
+    example["label"] = -1 if label is None else _label_id(label, SUPER_GLUE_LABELS[task])
+    yield example
 
 
 def _first_column(row: Mapping[str, Optional[str]], columns: Sequence[str]) -> Optional[str]:
@@ -204,7 +234,10 @@ def glue_examples(task: str, path: str) -> Iterator[Example]:
     if task == "stsb":
       example["label"] = float(label) if label else -1.0
     else:
-      example["label"] = _label_id(label, GLUE_LABELS[task]) if label else -1
+      try:
+        example["label"] = _label_id(label, GLUE_LABELS[task]) if label else -1
+      except ValueError as e:
+        raise ValueError(f"{path}: row {row_number + 1}: {str(e).rstrip('.')}.") from None
     example["idx"] = row_number
     yield example
 

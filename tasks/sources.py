@@ -154,10 +154,14 @@ class LocalOrTfdsSource(seqio.DataSource):
           splits={split: self._tfds_splits[split]},
       ).get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info)
     # Read the whole file now, so that a bad file fails here rather than inside tf.data.
-    examples = list(self._reader(self.local_path(split)))
+    path = self.local_path(split)
+    examples = list(self._reader(path))
+    if not examples:
+      raise ValueError(f"{path} ({self._name}, split {split!r}) holds no examples: it is empty or "
+                       "has only empty lines.")
     ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=self._features)
     if shuffle:
-      ds = ds.shuffle(len(examples) or 1, seed=seed)
+      ds = ds.shuffle(len(examples), seed=seed)
     if shard_info:
       ds = ds.shard(shard_info.num_shards, shard_info.index)
     return ds

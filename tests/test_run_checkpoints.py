@@ -123,7 +123,7 @@ def test_a_corrupt_or_missing_checkpoint_is_one_clear_error(tmp_path, checkpoint
       with open(os.path.join(root, name), "w") as f:
         f.write("garbage")
   with pytest.raises(CheckpointError, match=r"(?s)checkpoints/2 .*resume from step 1"):
-    checkpointer.restore(abstract_state=abstract)
+    checkpointer.restore(2, abstract_state=abstract)
 
 
 def test_run_config_is_written_once_and_a_different_run_is_refused(tmp_path):
