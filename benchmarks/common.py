@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: timing with the machine's load, a matmul peak, and the two models.
+
+Both sides build the same T5 1.1 shape with random weights: ours (`network.T5` plus a prompt, the
+trainer's compiled step) and Hugging Face's `T5ForConditionalGeneration` wrapped by PEFT prompt tuning.
+"""
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+SMALL = dict(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
+             num_encoder_layers=8, num_decoder_layers=8)
+
+
+def load() -> list[float]:
+  """The 1, 5 and 15 minute load averages, rounded."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int = 2,
+               sync: Callable[[Any], Any] = lambda x: x) -> dict[str, Any]:
+  """Median and all wall times of `steps` calls of `step()` after `warmup` calls, with the load."""
+  for _ in range(warmup):
+    sync(step())
+  times = []
+  load_before = load()
+  for _ in range(steps):
+    start = time.perf_counter()
+    sync(step())
+    times.append(time.perf_counter() - start)
+  return dict(step_s=statistics.median(times), step_times_s=[round(t, 4) for t in times],
+              load_before=load_before, load_after=load())
+
+
+def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> dict[str, Any]:
+  """FLOP/s of an `[n, n] @ [n, n]` matmul with XLA on the default device: best and median of repeats."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  matmul = jax.jit(jnp.dot)
+  timing = time_steps(lambda: matmul(a, b), repeats, sync=jax.block_until_ready)
+  flops = 2.0 * n ** 3
+  return dict(n=n, dtype=dtype, flops_per_s=flops / min(timing["step_times_s"]),
+              median_flops_per_s=flops / timing["step_s"], load=timing["load_after"])
+
+
+def t5_config(**overrides):
+  """Our T5 1.1 Small-shaped config (random weights)."""
+  from prompt_tuning_jax import config  # pylint: disable=g-import-not-at-top
+  return config.t5_config("t5_1_1", "small", **{**SMALL, **overrides})
+
+
+def hf_t5_config(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
+                 num_encoder_layers=8, num_decoder_layers=8):
+  """The same shape as a `transformers.T5Config` (gated GELU, untied logits, no dropout)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.T5Config(
+      vocab_size=vocab_size, d_model=emb_dim, d_kv=head_dim, d_ff=mlp_dim, num_heads=num_heads,
+      num_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
+      feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def random_batch(batch_size: int, input_length: int, target_length: int,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+  """T5X features of random non-pad tokens: every position is real."""
+  rng = np.random.default_rng(seed)
+  targets = rng.integers(2, 32000, (batch_size, target_length)).astype(np.int32)
+  return {"encoder_input_tokens": rng.integers(2, 32000, (batch_size, input_length)).astype(np.int32),
+          "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+          "decoder_target_tokens": targets,
+          "decoder_loss_weights": np.ones_like(targets, np.float32)}
+
+
+def rte_examples(path: str, limit: Optional[int] = None,
+                 seed: int = 0) -> list[tuple[list[int], list[int]]]:
+  """SuperGLUE RTE `(input ids, target ids)` with EOS, T5's text format and vocabulary, shuffled."""
+  import json  # pylint: disable=g-import-not-at-top
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import vocabularies  # pylint: disable=g-import-not-at-top
+  spm = sentencepiece.SentencePieceProcessor(model_file=vocabularies.T5_SPM_PATH)
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  examples = []
+  for row in rows:
+    text = f"rte sentence1: {row['premise']} sentence2: {row['hypothesis']}"
+    label = row["label"] if isinstance(row["label"], str) else (
+        "entailment", "not_entailment")[row["label"]]
+    examples.append((spm.encode(text) + [1], spm.encode(label) + [1]))
+  order = np.random.default_rng(seed).permutation(len(examples))
+  return [examples[i] for i in order[:limit]]

@@ -1,0 +1,330 @@
+"""Prompt-tuning training throughput: ours (JAX) versus Hugging Face PEFT (PyTorch), on CPU.
+
+  PYTHONPATH=. python -m benchmarks.train_benchmark [--quick] [--output benchmarks/results/train.json]
+
+T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only Adafactor:
+  - fixed shapes: batch 32, inputs 128 (+ prompt 100), targets 8;
+  - real data: SuperGLUE RTE train tokenised with the T5 vocabulary; PEFT pads each random batch to its
+    longest example, ours batches within a few length buckets (one compiled shape per bucket);
+  - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run;
+  - FLOPs of the compiled step with frozen weights versus all parameters trainable;
+  - memory options: bfloat16 activations and frozen weights, rematerialisation policies.
+Each measurement runs in its own child process, one after another, so peak RSS is per side and
+neither framework's thread pools disturb the other; every result records the load average.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from benchmarks import common
+
+BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
+RTE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue", "RTE",
+                        "train_full.jsonl")
+# Input lengths (before the prompt) of the compiled shapes for real data; RTE's longest is 317.
+BUCKETS = (64, 96, 128, 192, 256, 320)
+
+
+# ---- Ours. ----
+
+def _our_step(config_overrides: dict[str, Any], frozen_dtype: Optional[str] = None,
+              trainable_patterns: Optional[Sequence[str]] = None):
+  """(compiled-on-demand step, state, frozen params) for our model on one CPU device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import (freezing, network, optimizers, partitioning, prompts,  # pylint: disable=g-import-not-at-top
+                                 trainer)
+  overrides = dict(config_overrides)
+  if "dtype" in overrides:
+    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  model = network.T5(common.t5_config(**overrides), prompts.PromptConfig(PROMPT))
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]
+  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  trainable, frozen = freezing.split(params, freezing.freeze_mask(
+      params, trainable_patterns or freezing.PROMPT_ONLY))
+  if frozen_dtype:
+    frozen = jax.tree_util.tree_map(lambda x: x.astype(frozen_dtype), frozen)
+  mesh = partitioning.make_mesh()
+  optimizer = optimizers.prompt_tuning_adafactor()
+  state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
+  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
+  step = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+  return step, state, frozen
+
+
+def ours_fixed(steps: int, config_overrides: Optional[dict[str, Any]] = None,
+               frozen_dtype: Optional[str] = None) -> dict[str, Any]:
+  """Our compiled train step on the fixed shapes: compile time, step time, FLOPs, memory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, frozen = _our_step(config_overrides or {}, frozen_dtype)
+  batch = common.random_batch(BATCH, INPUTS, TARGETS)
+  start = time.perf_counter()
+  compiled = step.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  flops = compiled.cost_analysis()["flops"]
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], frozen, batch)
+    return metrics
+  timing = common.time_steps(run, steps, sync=jax.block_until_ready)
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  return dict(timing, compile_s=compile_s, flops=flops, examples_per_s=BATCH / timing["step_s"],
+              tokens_per_s=BATCH * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
+              temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
+              frozen_bytes=sum(x.nbytes for x in leaves(frozen)),
+              optimizer_state_bytes=sum(x.nbytes for x in leaves(holder["state"].opt_state)),
+              peak_rss_mib=common.peak_rss_mib())
+
+
+def _bucketed_batches(examples, batch_size: int, buckets: Sequence[int], target_length: int):
+  """Batches formed within length buckets (each example goes to the shortest bucket that holds it)."""
+  by_bucket: dict[int, list] = {b: [] for b in buckets}
+  for inputs, targets in examples:
+    by_bucket[next(b for b in buckets if b >= len(inputs))].append((inputs, targets))
+  batches = []
+  for length, members in by_bucket.items():
+    for i in range(0, len(members) - batch_size + 1, batch_size):
+      batches.append(_pad_batch(members[i:i + batch_size], length, target_length))
+  # Leftovers of every bucket share batches padded to the longest bucket among them.
+  rest = [e for b, m in by_bucket.items() for e in m[len(m) - len(m) % batch_size:]]
+  for i in range(0, len(rest) - batch_size + 1, batch_size):
+    chunk = rest[i:i + batch_size]
+    batches.append(_pad_batch(chunk, next(b for b in buckets if b >= max(len(e[0]) for e in chunk)),
+                              target_length))
+  order = np.random.default_rng(0).permutation(len(batches))
+  return [batches[i] for i in order]
+
+
+def _pad_batch(examples, input_length: int, target_length: int) -> dict[str, np.ndarray]:
+  pad = lambda seqs, n: np.array([s + [0] * (n - len(s)) for s in seqs], np.int32)
+  targets = pad([t for _, t in examples], target_length)
+  return {"encoder_input_tokens": pad([i for i, _ in examples], input_length),
+          "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+          "decoder_target_tokens": targets,
+          "decoder_loss_weights": (targets > 0).astype(np.float32)}
+
+
+def ours_rte(num_examples: int) -> dict[str, Any]:
+  """Our step over RTE in length buckets: examples/s over all batches, compile time per shape apart."""
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, frozen = _our_step({})
+  batches = _bucketed_batches(common.rte_examples(RTE_PATH, num_examples), BATCH, BUCKETS, TARGETS)
+  compiled, compile_s = {}, 0.0
+  for batch in batches:  # compile every shape first: a run compiles each once, then reuses it
+    shape = batch["encoder_input_tokens"].shape
+    if shape not in compiled:
+      start = time.perf_counter()
+      compiled[shape] = step.lower(state, frozen, batch).compile()
+      compile_s += time.perf_counter() - start
+  state, metrics = compiled[shape](state, frozen, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  load_before = common.load()
+  start = time.perf_counter()
+  for batch in batches:
+    state, metrics = compiled[batch["encoder_input_tokens"].shape](state, frozen, batch)
+  jax.block_until_ready(metrics)
+  seconds = time.perf_counter() - start
+  examples = len(batches) * BATCH
+  real_tokens = sum(int((b["encoder_input_tokens"] > 0).sum()) for b in batches)
+  padded_tokens = sum(b["encoder_input_tokens"].size for b in batches)
+  return dict(examples=examples, seconds=seconds, examples_per_s=examples / seconds,
+              compile_s=compile_s, shapes=sorted(s[1] for s in compiled),
+              input_padding=1 - real_tokens / padded_tokens, load_before=load_before,
+              load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
+
+
+def flops_frozen_vs_trainable() -> dict[str, Any]:
+  """XLA's FLOPs of the compiled step, prompt-only versus every parameter trainable."""
+  from prompt_tuning_jax import plan  # pylint: disable=g-import-not-at-top
+  flops = {}
+  for name, patterns in (("prompt_only", None), ("all_trainable", (".*",))):
+    flops[name] = plan.plan_train_step(common.t5_config(), PROMPT, BATCH,
+                                       {"inputs": INPUTS, "targets": TARGETS}, (1, 1), "tpu_v3",
+                                       trainable_patterns=patterns).flops_per_device
+  return dict(flops, ratio=flops["prompt_only"] / flops["all_trainable"])
+
+
+# ---- PEFT. ----
+
+def _peft_model():
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.optimization import Adafactor  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = peft.get_peft_model(transformers.T5ForConditionalGeneration(common.hf_t5_config()),
+                              peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                      num_virtual_tokens=PROMPT))
+  model.train()
+  # The paper's optimizer on the prompt only: lr 0.3, decay 0.8, clipping 1, weight decay 1e-5.
+  optimizer = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3,
+                        scale_parameter=False, relative_step=False, warmup_init=False,
+                        decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
+
+  def step(input_ids, attention_mask, labels):
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+  return step
+
+
+def peft_fixed(steps: int) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  step = _peft_model()
+  batch = common.random_batch(BATCH, INPUTS, TARGETS)
+  inputs = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+  labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
+  mask = torch.ones_like(inputs)
+  timing = common.time_steps(lambda: step(inputs, mask, labels), steps)
+  return dict(timing, examples_per_s=BATCH / timing["step_s"],
+              tokens_per_s=BATCH * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
+              torch_threads=torch.get_num_threads(), peak_rss_mib=common.peak_rss_mib())
+
+
+def peft_rte(num_examples: int) -> dict[str, Any]:
+  """PEFT over random RTE batches, each padded to its longest input and target (its collator's way)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  step = _peft_model()
+  examples = common.rte_examples(RTE_PATH, num_examples)
+  batches = []
+  for i in range(0, len(examples) - BATCH + 1, BATCH):
+    chunk = examples[i:i + BATCH]
+    width = max(len(x) for x, _ in chunk)
+    target_width = max(len(t) for _, t in chunk)
+    inputs = torch.tensor([x + [0] * (width - len(x)) for x, _ in chunk])
+    labels = torch.tensor([t + [-100] * (target_width - len(t)) for _, t in chunk])
+    batches.append((inputs, (inputs > 0).long(), labels))
+  step(*batches[0])  # warm-up
+  load_before = common.load()
+  start = time.perf_counter()
+  for batch in batches:
+    step(*batch)
+  seconds = time.perf_counter() - start
+  return dict(examples=len(batches) * BATCH, seconds=seconds,
+              examples_per_s=len(batches) * BATCH / seconds, load_before=load_before,
+              load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
+
+
+WORKERS = {"matmul": common.jax_matmul_peak, "ours_fixed": ours_fixed, "peft_fixed": peft_fixed,
+           "ours_rte": ours_rte, "peft_rte": peft_rte, "flops": flops_frozen_vs_trainable}
+
+
+def run_worker(name: str, **kwargs) -> dict[str, Any]:
+  """Runs `WORKERS[name](**kwargs)` in a child process; returns its JSON result."""
+  command = [sys.executable, "-m", "benchmarks.train_benchmark", "--worker", name,
+             "--worker_args", json.dumps(kwargs)]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  print(f"  {name} {kwargs}: {json.dumps(result)[:240]}", file=sys.stderr, flush=True)
+  return result
+
+
+OPTIONS = {
+    "float32": dict(),
+    "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
+    "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
+                                              frozen_dtype="bfloat16"),
+    "remat full": dict(config_overrides={"remat_policy": "full"}),
+    "remat dots": dict(config_overrides={"remat_policy": "dots"}),
+}
+
+
+def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool) -> dict[str, Any]:
+  results: dict[str, Any] = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(),
+                                             processor=platform.processor())}
+  results["matmul_peak"] = run_worker("matmul")
+  results["ours_fixed"] = run_worker("ours_fixed", steps=steps)
+  results["peft_fixed"] = run_worker("peft_fixed", steps=steps)
+  results["ours_rte"] = run_worker("ours_rte", num_examples=rte_examples)
+  results["peft_rte"] = run_worker("peft_rte", num_examples=rte_examples)
+  results["matmul_peak_end"] = run_worker("matmul")
+  results["flops"] = run_worker("flops")
+  if with_options:
+    results["options"] = {name: run_worker("ours_fixed", steps=option_steps, **kwargs)
+                          for name, kwargs in OPTIONS.items()}
+  peak = max(results["matmul_peak"]["flops_per_s"], results["matmul_peak_end"]["flops_per_s"])
+  flops = results["ours_fixed"]["flops"]  # the same math for both sides: forward, input gradients
+  results["summary"] = dict(
+      fixed_ratio=results["ours_fixed"]["examples_per_s"] / results["peft_fixed"]["examples_per_s"],
+      rte_ratio=results["ours_rte"]["examples_per_s"] / results["peft_rte"]["examples_per_s"],
+      ours_mfu=flops / results["ours_fixed"]["step_s"] / peak,
+      peft_mfu=flops / results["peft_fixed"]["step_s"] / peak,
+      matmul_peak_gflops=peak / 1e9, frozen_over_trainable_flops=results["flops"]["ratio"])
+  return results
+
+
+def table(results: dict[str, Any]) -> str:
+  s, ours, peft = results["summary"], results["ours_fixed"], results["peft_fixed"]
+  rows = [
+      ("fixed: examples/s ours | PEFT | ratio",
+       f"{ours['examples_per_s']:.2f} | {peft['examples_per_s']:.2f} | {s['fixed_ratio']:.2f}x"),
+      ("fixed: tokens/s ours | PEFT", f"{ours['tokens_per_s']:.0f} | {peft['tokens_per_s']:.0f}"),
+      ("fixed: step s (median) ours | PEFT", f"{ours['step_s']:.3f} | {peft['step_s']:.3f}"),
+      ("fixed: load before/after ours | PEFT",
+       f"{ours['load_before'][0]}/{ours['load_after'][0]} | "
+       f"{peft['load_before'][0]}/{peft['load_after'][0]}"),
+      ("ours: compile s", f"{ours['compile_s']:.1f}"),
+      ("peak RSS MiB ours | PEFT", f"{ours['peak_rss_mib']:.0f} | {peft['peak_rss_mib']:.0f}"),
+      ("ours: frozen weights | optimizer state bytes",
+       f"{ours['frozen_bytes'] / 2**20:.0f} MiB | {ours['optimizer_state_bytes']} B"),
+      ("RTE: examples/s ours | PEFT | ratio",
+       f"{results['ours_rte']['examples_per_s']:.2f} | {results['peft_rte']['examples_per_s']:.2f} | "
+       f"{s['rte_ratio']:.2f}x"),
+      ("RTE: our shapes | input padding | compile s",
+       f"{results['ours_rte']['shapes']} | {results['ours_rte']['input_padding']:.0%} | "
+       f"{results['ours_rte']['compile_s']:.1f}"),
+      ("matmul peak GFLOP/s (f32)", f"{s['matmul_peak_gflops']:.0f}"),
+      ("step GFLOP (XLA) | MFU ours | PEFT",
+       f"{ours['flops'] / 1e9:.0f} | {s['ours_mfu']:.0%} | {s['peft_mfu']:.0%}"),
+      ("FLOPs frozen / all trainable",
+       f"{results['flops']['prompt_only'] / 1e9:.0f} / {results['flops']['all_trainable'] / 1e9:.0f}"
+       f" = {s['frozen_over_trainable_flops']:.2f}"),
+  ]
+  for name, option in results.get("options", {}).items():
+    rows.append((f"option {name}: step s | compile s | temp MiB | load",
+                 f"{option['step_s']:.3f} | {option['compile_s']:.1f} | "
+                 f"{option['temp_bytes'] / 2**20:.0f} | {option['load_after'][0]}"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--output", default="benchmarks/results/train.json")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
+  parser.add_argument("--option_steps", type=int, default=4)
+  parser.add_argument("--rte_examples", type=int, default=512)
+  parser.add_argument("--no_options", action="store_true", help="skip the memory options")
+  parser.add_argument("--quick", action="store_true", help="3 steps, 128 RTE examples, no options")
+  parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(WORKERS[args.worker](**json.loads(args.worker_args))))
+    return 0
+  if args.quick:
+    args.steps, args.rte_examples, args.no_options = 3, 128, True
+  results = run_all(args.steps, args.option_steps, args.rte_examples, not args.no_options)
+  print(table(results))
+  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+  with open(args.output, "w") as f:
+    json.dump(results, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
