@@ -3,6 +3,7 @@
 Both sides build the same T5 1.1 shape with random weights: ours (`network.T5` plus a prompt, the
 trainer's compiled step) and Hugging Face's `T5ForConditionalGeneration` wrapped by PEFT prompt tuning.
 """
+import json
 import os
 import resource
 import statistics
@@ -98,3 +99,10 @@ def rte_examples(path: str, limit: Optional[int] = None,
     examples.append((spm.encode(text) + [1], spm.encode(label) + [1]))
   order = np.random.default_rng(seed).permutation(len(examples))
   return [examples[i] for i in order[:limit]]
+
+
+def write_json(path: str, results: Any) -> None:
+  """Writes a benchmark's results, creating its folder."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)

@@ -8,8 +8,6 @@ step time, over a bfloat16 matmul peak measured on the same card in the same run
 well under 8 minutes on an A100/H100.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -75,9 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak_gib = (r["peak_bytes_in_use"] or 0) / 2**30
     print(f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
           f"{r['compile_s']:9.1f} {r['flops'] / 1e9:8.0f} {r['mfu']:5.0%} {peak_gib:8.2f}")
-  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(args.output, results)
   return 0
 
 

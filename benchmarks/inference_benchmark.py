@@ -8,7 +8,6 @@ Each side runs in its own child process; every result records the load average.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 from typing import Any, Optional, Sequence
@@ -81,9 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{name:<8} {r['examples_per_s']:7.2f} examples/s  step {r['step_s']:.3f} s  "
           f"load {r['load_before'][0]}/{r['load_after'][0]}  peak RSS {r['peak_rss_mib']:.0f} MiB")
   print(f"ours / PyTorch: {results['ratio']:.2f}x")
-  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(args.output, results)
   return 0
 
 

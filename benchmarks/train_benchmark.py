@@ -320,9 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.steps, args.rte_examples, args.no_options = 3, 128, True
   results = run_all(args.steps, args.option_steps, args.rte_examples, not args.no_options)
   print(table(results))
-  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(args.output, results)
   return 0
 
 
