@@ -12,8 +12,8 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from prompt_tuning_jax import (evaluation, freezing, partitioning, prompt_initializers, prompts,
-                               train)
+from prompt_tuning_jax import (checkpoints, evaluation, freezing, partitioning,
+                               prompt_initializers, prompts, train)
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
 
@@ -40,13 +40,11 @@ def load_prompted_model(model_config: T5Config, initial_checkpoint_path: Optiona
   prompt_config = prompts.PromptConfig(prompt.shape[0], prompt_initializers.from_array(prompt),
                                        prompt_combine)
   model = T5(model_config, prompt_config)
-  params = train.checkpoints.unflatten({**flat, train.checkpoints.PROMPT_PATH: prompt})
+  params = checkpoints.unflatten({**flat, checkpoints.PROMPT_PATH: prompt})
   mask = freezing.freeze_mask(params)
   trainable, frozen = freezing.split(params, mask)
   mesh = partitioning.make_mesh(mesh_shape)
-  tokens = jax.numpy.ones((1, 1), jax.numpy.int32)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
-  _, frozen_sh = freezing.split(partitioning.param_shardings(boxed, mesh), mask)
+  _, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
   return model, trainable, train.place_on_mesh(frozen, frozen_sh)
 
 

@@ -151,5 +151,5 @@ def evaluate(evaluator: seqio.Evaluator, predictor: Predictor,
 
 def _scalar(value) -> Any:
   """seqio metric values may be wrapped (`seqio.metrics.Scalar`); return plain numbers."""
-  return float(getattr(value, "value", value)) if np.ndim(getattr(value, "value", value)) == 0 \
-      else getattr(value, "value", value)
+  value = getattr(value, "value", value)
+  return float(value) if np.ndim(value) == 0 else value

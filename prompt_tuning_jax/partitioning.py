@@ -64,6 +64,13 @@ def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
                                 is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def model_param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings of a T5's parameters, read off its abstract (never allocated) init."""
+  tokens = jax.numpy.ones((1, 1), jax.numpy.int32)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+  return param_shardings(boxed, mesh, rules)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Split the leading (batch) dimension over `data`."""
   return NamedSharding(mesh, PartitionSpec(DATA))

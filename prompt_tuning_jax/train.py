@@ -230,7 +230,6 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   # ---- The frozen model and the prompt. ----
   rng = jax.random.PRNGKey(seed)
   init_rng, prompt_rng, state_rng = jax.random.split(rng, 3)
-  tokens = jnp.ones((1, 1), jnp.int32)
   loaded = load_frozen_params(model_config, initial_checkpoint_path, assignment_map, init_rng)
   embedding = np.asarray(loaded["token_embedder/embedding"])
   prompt_config = prompts.PromptConfig(
@@ -261,10 +260,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     eval_dataset = eval_dataset.take(eval_num_examples)
 
   # ---- Shardings, state, compiled steps. ----
-  boxed = jax.eval_shape(model.init, init_rng, tokens, tokens)["params"]
   mask = freezing.freeze_mask(params, trainable_patterns)
   trainable, frozen = freezing.split(params, mask)
-  trainable_sh, frozen_sh = freezing.split(partitioning.param_shardings(boxed, mesh), mask)
+  trainable_sh, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
   frozen = place_on_mesh(frozen, frozen_sh)
   state = trainer.TrainState.create(place_on_mesh(trainable, trainable_sh), optimizer, state_rng)
   state_sh = jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), state).replace(
