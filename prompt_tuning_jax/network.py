@@ -46,10 +46,13 @@ class Dense(nn.Module):
   kernel_init: Callable = _fan_in_normal()
 
   @nn.compact
+  def kernel(self, in_features: int) -> jax.Array:
+    """The kernel `[in_features, features]` in `dtype`, for callers that fold it into another product."""
+    return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                      (in_features, self.features), jnp.float32).astype(self.dtype)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                        (x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return jnp.dot(x.astype(self.dtype), self.kernel(x.shape[-1]))
 
 
 class Embed(nn.Module):
@@ -134,12 +137,29 @@ def attention_bias(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
   return jnp.where(allowed, 0.0, MASK_BIAS).astype(jnp.float32)
 
 
+def attends_through_inputs(query_length: int, key_length: int, embed: int, head_dim: int) -> bool:
+  """Whether attention is cheaper with keys and values left unprojected (see `MultiHeadAttention`).
+
+  Per head and example, projecting keys and values costs about `4 k e d` FLOPs and the two attention
+  products `4 q k d`; folding the key kernel into the queries and the value kernel after the context
+  costs `4 q k e + 4 q e d` instead. Few queries over many inputs win (a decoder's 8 target positions
+  over a 228-position encoding: 7x fewer FLOPs); self-attention over one sequence never does.
+  """
+  q, k, e, d = query_length, key_length, embed, head_dim
+  return q * (k * e + e * d - k * d) < k * e * d
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention (no logit scaling: it is folded into the query initialiser).
 
   With `decode=True` it keeps keys and values in the `cache` collection: a first call on the full
   `[batch, max_length]` shape creates the zero cache, each later call takes one position, appends its key
   and value, and attends to the positions written so far (the causal mask is derived from the cache index).
+
+  Without a cache, and when `attends_through_inputs` says it costs less (cross-attention from a few
+  target positions), the same products are associated the other way: logits are
+  `(query @ key_kernel^T) @ inputs_kv^T` and the output `(weights @ inputs_kv) @ value_kernel`, so keys
+  and values over the long input are never formed. The parameters and the result are the same.
   """
   config: T5Config
 
@@ -153,10 +173,28 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name, init=_fan_in_normal(): Dense(joined, ("embed", "joined_kv"), cfg.dtype, init,
                                                        name=name)
     split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+    dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=not enable_dropout)
+    output = Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")
     query = split(dense("query", query_init)(inputs_q))
+
+    if not decode and attends_through_inputs(inputs_q.shape[1], inputs_kv.shape[1],
+                                             inputs_kv.shape[-1], cfg.head_dim):
+      embed = inputs_kv.shape[-1]
+      key_kernel = dense("key").kernel(embed).reshape(embed, cfg.num_heads, cfg.head_dim)
+      value_kernel = dense("value").kernel(embed).reshape(embed, cfg.num_heads, cfg.head_dim)
+      inputs_kv = inputs_kv.astype(cfg.dtype)
+      query_in_inputs = jnp.einsum("bqhd,ehd->bqhe", query, key_kernel)
+      logits = jnp.einsum("bqhe,bke->bqhk", query_in_inputs.astype(logits_dtype),
+                          inputs_kv.astype(logits_dtype))
+      bias = jnp.swapaxes(bias, 1, 2).astype(logits_dtype)  # [batch|1, q, heads|1, k]
+      weights = dropout(jax.nn.softmax(logits + bias, axis=-1).astype(cfg.dtype))
+      context = jnp.einsum("bqhk,bke->bqhe", weights, inputs_kv)
+      out = jnp.einsum("bqhe,ehd->bqhd", context, value_kernel)
+      return output(out.reshape(inputs_q.shape[:2] + (joined,)))
+
     key = split(dense("key")(inputs_kv))
     value = split(dense("value")(inputs_kv))
-
     if decode:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -173,12 +211,10 @@ class MultiHeadAttention(nn.Module):
         bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
         bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
 
-    logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
     logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
-    weights = jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=not enable_dropout)
+    weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(inputs_q.shape[:2] + (joined,))
-    return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")(out)
+    return output(out)
 
 
 class MlpBlock(nn.Module):

@@ -151,3 +151,29 @@ def test_random_uniform_prompt_init_is_in_range(tiny_config, tiny_params):
   prompt = init(jax.random.PRNGKey(0), (6, tiny_config.emb_dim), jnp.float32)
   assert prompt.shape == (6, tiny_config.emb_dim)
   assert float(jnp.max(jnp.abs(prompt))) <= 0.3
+
+
+def test_cross_attention_through_inputs_equals_projected_keys_and_values():
+  """Few queries over many inputs take the reassociated path; it must equal T5's plain attention."""
+  cfg = config.t5_config("t5_1_1", "tiny", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=16)
+  batch, queries, keys = 2, 3, 40
+  assert network.attends_through_inputs(queries, keys, cfg.emb_dim, cfg.head_dim)
+  assert not network.attends_through_inputs(keys, keys, cfg.emb_dim, cfg.head_dim)
+  rng = np.random.default_rng(0)
+  inputs_q = rng.normal(size=(batch, queries, cfg.emb_dim)).astype(np.float32)
+  inputs_kv = rng.normal(size=(batch, keys, cfg.emb_dim)).astype(np.float32)
+  key_mask = np.arange(keys)[None, :] < np.array([[keys], [25]])
+  bias = network.attention_bias(jnp.ones((batch, queries), bool), jnp.asarray(key_mask))
+  attention = network.MultiHeadAttention(cfg)
+  params = nn.unbox(attention.init(jax.random.PRNGKey(0), inputs_q, inputs_kv, bias))["params"]
+  out = jax.jit(attention.apply)({"params": params}, inputs_q, inputs_kv, bias)
+
+  kernel = lambda name: np.asarray(params[name]["kernel"], np.float64)
+  heads = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+  query, key, value = (heads(x @ kernel(n)) for x, n in ((inputs_q, "query"), (inputs_kv, "key"),
+                                                           (inputs_kv, "value")))
+  logits = np.einsum("bqhd,bkhd->bhqk", query, key) + np.asarray(bias)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, queries, -1) @ kernel("out")
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
