@@ -1,1 +1,4 @@
 """prompt_tuning_jax: prompt tuning (Lester et al., 2021) of frozen T5 models in JAX/Flax."""
+from prompt_tuning_jax import xla_cpu
+
+xla_cpu.prefer_xla_dots()
