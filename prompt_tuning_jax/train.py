@@ -27,8 +27,9 @@ import optax
 import seqio
 from jax.experimental import multihost_utils
 
-from prompt_tuning_jax import (checkpoints, evaluation, freezing, metrics_logging, optimizers,
-                               partitioning, prompt_initializers, prompts, run_checkpoints, trainer)
+from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, metrics_logging,
+                               optimizers, partitioning, prompt_initializers, prompts, run_checkpoints,
+                               trainer)
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
 from prompt_tuning_jax.run_checkpoints import fault_point
@@ -189,7 +190,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           log_period: int = 10, seed: int = 0, shuffle: bool = True, use_cached: bool = False,
           max_encoder_length: Optional[int] = None,
           progress_bar: Optional[bool] = None, class_labels: Sequence[str] = (),
-          skip_nonfinite_steps: bool = False, log_batch_hashes: bool = False) -> dict[str, Any]:
+          skip_nonfinite_steps: bool = False, log_batch_hashes: bool = False,
+          length_buckets: Sequence[int] = ()) -> dict[str, Any]:
   """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
 
   Args mirror T5X's macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS,
@@ -199,7 +201,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   keeps its prompt in `MODEL_DIR/best`. `class_labels` (CLASS_LABELS) are checked against the
   targets' length. `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or
   Inf instead of stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
-  `train_metrics.jsonl`. Everything is checked before anything is written.
+  `train_metrics.jsonl`. `length_buckets` (LENGTH_BUCKETS, input lengths before the prompt, e.g.
+  `[64, 128, 256]`) batches examples of similar length together, one compiled step per bucket
+  (`batching.batch`; one host only). Everything is checked before anything is written.
 
   Returns:
     The summary; `preempted` is True when SIGTERM stopped the run after saving its current step.
@@ -219,6 +223,11 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     task_vocabulary(eval_name)
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
+  if length_buckets:
+    batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"])
+    if jax.process_count() > 1:
+      raise ValueError("LENGTH_BUCKETS give each host its own batch shapes; on several hosts leave "
+                       "them empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
   if initial_checkpoint_path is not None:
@@ -281,7 +290,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
       initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
       loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, log_period=log_period,
-      eval_num_examples=eval_num_examples, seed=seed, skip_nonfinite_steps=skip_nonfinite_steps),
+      eval_num_examples=eval_num_examples, seed=seed, skip_nonfinite_steps=skip_nonfinite_steps,
+      # Recorded only when set, so runs started before the setting existed still resume.
+      **({"length_buckets": list(length_buckets)} if length_buckets else {})),
       mutable_keys=MUTABLE_RUN_SETTINGS)
   checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=keep_checkpoints)
   data_position = {"batches_consumed": 0}
@@ -293,7 +304,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   fault_point("startup", start_step)
   # The same shuffled stream on every run (a function of the seed): batch s is the one of step s + 1,
   # and a resumed run skips the batches already consumed.
-  batches = dataset.batch(per_process, drop_remainder=True).skip(
+  batches = batching.batch(dataset, per_process, task_feature_lengths["inputs"], length_buckets).skip(
       data_position["batches_consumed"]).as_numpy_iterator()
 
   metrics_log = metrics_logging.MetricsLogger(model_dir, train_steps, start_step, progress_bar)

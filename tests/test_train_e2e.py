@@ -183,3 +183,27 @@ def test_eval_rejects_a_prompt_file_of_another_model(full_run, tmp_path, capsys,
                EVAL_OUTPUT_DIR=repr(str(model_dir / "bad_eval")))
   expect_one_line_error(capsys, eval_lib.main, argv, message)
   assert listing(model_dir) == before
+
+
+def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
+  """LENGTH_BUCKETS: batches of RTE's real lengths come in the buckets' shapes, each example whole."""
+  shapes, compile_train_step = [], trainer.compile_train_step
+
+  def recording_compile(*args, **kwargs):
+    step = compile_train_step(*args, **kwargs)
+
+    def recording_step(state, frozen, batch):
+      shapes.append(batch["encoder_input_tokens"].shape)
+      return step(state, frozen, batch)
+    return recording_step
+
+  monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
+  model_dir = tmp_path / "run"
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="8",
+                   TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 4}",
+                   **{"train.length_buckets": "[64, 96, 128]"}))
+  assert {s[1] for s in shapes} <= {64, 96, 128, 256} and len({s[1] for s in shapes}) >= 2
+  assert all(s[0] == 4 for s in shapes) and len(shapes) == 8
+  with open(model_dir / "run_config.json") as f:
+    assert json.load(f)["length_buckets"] == [64, 96, 128]
+  assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
