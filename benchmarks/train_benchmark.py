@@ -87,39 +87,23 @@ def ours_fixed(steps: int, config_overrides: Optional[dict[str, Any]] = None,
               peak_rss_mib=common.peak_rss_mib())
 
 
-def _bucketed_batches(examples, batch_size: int, buckets: Sequence[int], target_length: int):
-  """Batches formed within length buckets (each example goes to the shortest bucket that holds it)."""
-  by_bucket: dict[int, list] = {b: [] for b in buckets}
-  for inputs, targets in examples:
-    by_bucket[next(b for b in buckets if b >= len(inputs))].append((inputs, targets))
-  batches = []
-  for length, members in by_bucket.items():
-    for i in range(0, len(members) - batch_size + 1, batch_size):
-      batches.append(_pad_batch(members[i:i + batch_size], length, target_length))
-  # Leftovers of every bucket share batches padded to the longest bucket among them.
-  rest = [e for b, m in by_bucket.items() for e in m[len(m) - len(m) % batch_size:]]
-  for i in range(0, len(rest) - batch_size + 1, batch_size):
-    chunk = rest[i:i + batch_size]
-    batches.append(_pad_batch(chunk, next(b for b in buckets if b >= max(len(e[0]) for e in chunk)),
-                              target_length))
-  order = np.random.default_rng(0).permutation(len(batches))
-  return [batches[i] for i in order]
-
-
-def _pad_batch(examples, input_length: int, target_length: int) -> dict[str, np.ndarray]:
-  pad = lambda seqs, n: np.array([s + [0] * (n - len(s)) for s in seqs], np.int32)
-  targets = pad([t for _, t in examples], target_length)
-  return {"encoder_input_tokens": pad([i for i, _ in examples], input_length),
-          "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
-          "decoder_target_tokens": targets,
-          "decoder_loss_weights": (targets > 0).astype(np.float32)}
-
-
 def ours_rte(num_examples: int) -> dict[str, Any]:
-  """Our step over RTE in length buckets: examples/s over all batches, compile time per shape apart."""
+  """Our step over RTE batched by `batching.batch` in length buckets (what `train.length_buckets`
+  does): examples/s over all batches, compile time per shape apart. Each bucket's last partial
+  batch is dropped, as in training."""
   import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import batching  # pylint: disable=g-import-not-at-top
   step, state, frozen = _our_step({})
-  batches = _bucketed_batches(common.rte_examples(RTE_PATH, num_examples), BATCH, BUCKETS, TARGETS)
+  examples = common.rte_examples(RTE_PATH, num_examples)
+  pad = lambda seq, n: np.array(seq + [0] * (n - len(seq)), np.int32)
+  targets = np.stack([pad(t, TARGETS) for _, t in examples])
+  converted = tf.data.Dataset.from_tensor_slices({
+      "encoder_input_tokens": np.stack([pad(x, BUCKETS[-1]) for x, _ in examples]),
+      "decoder_target_tokens": targets,
+      "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+      "decoder_loss_weights": (targets > 0).astype(np.float32)})
+  batches = list(batching.batch(converted, BATCH, BUCKETS[-1], BUCKETS[:-1]).as_numpy_iterator())
   compiled, compile_s = {}, 0.0
   for batch in batches:  # compile every shape first: a run compiles each once, then reuses it
     shape = batch["encoder_input_tokens"].shape
@@ -135,13 +119,12 @@ def ours_rte(num_examples: int) -> dict[str, Any]:
     state, metrics = compiled[batch["encoder_input_tokens"].shape](state, frozen, batch)
   jax.block_until_ready(metrics)
   seconds = time.perf_counter() - start
-  examples = len(batches) * BATCH
   real_tokens = sum(int((b["encoder_input_tokens"] > 0).sum()) for b in batches)
   padded_tokens = sum(b["encoder_input_tokens"].size for b in batches)
-  return dict(examples=examples, seconds=seconds, examples_per_s=examples / seconds,
-              compile_s=compile_s, shapes=sorted(s[1] for s in compiled),
-              input_padding=1 - real_tokens / padded_tokens, load_before=load_before,
-              load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
+  return dict(examples=len(batches) * BATCH, seconds=seconds,
+              examples_per_s=len(batches) * BATCH / seconds, compile_s=compile_s,
+              shapes=sorted(s[1] for s in compiled), input_padding=1 - real_tokens / padded_tokens,
+              load_before=load_before, load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
 
 
 def flops_frozen_vs_trainable() -> dict[str, Any]:
