@@ -9,7 +9,8 @@ pre_cross_attention_layer_norm,encoder_decoder_attention,pre_mlp_layer_norm,mlp}
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`, `prompt`, `prompt_embed`) through `nn.with_logical_partitioning`, which the trainer maps
-to mesh axes. A soft prompt enters through one hook: the encoder hands its embedded input to a
+to mesh axes; activations carry them (plus `batch`, `length`) through `nn.with_logical_constraint`,
+which shards them wherever `partitioning.shard_activations` is in effect and is a no-op elsewhere. A soft prompt enters through one hook: the encoder hands its embedded input to a
 `prompts.PromptInput` (parameter `encoder/prompt/prompt/prompt`, the official code's name) when the
 model is built with a `PromptConfig`.
 """
@@ -25,6 +26,10 @@ from prompt_tuning_jax.config import T5Config
 
 # Added to attention logits where attention is not allowed (T5X's value).
 MASK_BIAS = -1e10
+
+# Logical axes of the residual stream `[batch, length, embed]`.
+STREAM_AXES = ("batch", "length", "embed")
+constrain = nn.with_logical_constraint
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=True),
@@ -172,7 +177,8 @@ class MultiHeadAttention(nn.Module):
     query_init = _fan_in_normal(1.0 / cfg.head_dim)
     dense = lambda name, init=_fan_in_normal(): Dense(joined, ("embed", "joined_kv"), cfg.dtype, init,
                                                        name=name)
-    split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    split = lambda x: constrain(x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim)),
+                                ("batch", "length", "heads", "kv"))
     logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
     dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=not enable_dropout)
     output = Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")
@@ -184,11 +190,14 @@ class MultiHeadAttention(nn.Module):
       key_kernel = dense("key").kernel(embed).reshape(embed, cfg.num_heads, cfg.head_dim)
       value_kernel = dense("value").kernel(embed).reshape(embed, cfg.num_heads, cfg.head_dim)
       inputs_kv = inputs_kv.astype(cfg.dtype)
-      query_in_inputs = jnp.einsum("bqhd,ehd->bqhe", query, key_kernel)
-      logits = jnp.einsum("bqhe,bke->bqhk", query_in_inputs.astype(logits_dtype),
-                          inputs_kv.astype(logits_dtype))
+      query_in_inputs = constrain(jnp.einsum("bqhd,ehd->bqhe", query, key_kernel),
+                                  ("batch", "length", "heads", "embed"))
+      # The long input is the left operand: the product is formed without a transposed copy of it.
+      logits = jnp.einsum("bke,bqhe->bqhk", inputs_kv.astype(logits_dtype),
+                          query_in_inputs.astype(logits_dtype))
       bias = jnp.swapaxes(bias, 1, 2).astype(logits_dtype)  # [batch|1, q, heads|1, k]
       weights = dropout(jax.nn.softmax(logits + bias, axis=-1).astype(cfg.dtype))
+      weights = constrain(weights, ("batch", "length", "heads", None))
       context = jnp.einsum("bqhk,bke->bqhe", weights, inputs_kv)
       out = jnp.einsum("bqhe,ehd->bqhd", context, value_kernel)
       return output(out.reshape(inputs_q.shape[:2] + (joined,)))
@@ -213,7 +222,8 @@ class MultiHeadAttention(nn.Module):
 
     logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
     weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(inputs_q.shape[:2] + (joined,))
+    weights = constrain(weights, ("batch", "heads", "length", None))
+    out = split(jnp.einsum("bhqk,bkhd->bqhd", weights, value)).reshape(inputs_q.shape[:2] + (joined,))
     return output(out)
 
 
@@ -230,7 +240,8 @@ class MlpBlock(nn.Module):
       name = "wi" if len(acts) == 1 else f"wi_{i}"
       h = _ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), cfg.dtype, name=name)(x))
       hidden = h if hidden is None else hidden * h
-    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=not enable_dropout)
+    hidden = constrain(nn.Dropout(cfg.dropout_rate)(hidden, deterministic=not enable_dropout),
+                       ("batch", "length", "mlp"))
     return Dense(cfg.emb_dim, ("mlp", "embed"), cfg.dtype, name="wo")(hidden)
 
 
@@ -297,14 +308,14 @@ class Encoder(nn.Module):
     if self.prompt_config is not None:
       x, mask = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
           x, mask, prompt_ids, prompt_lengths)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
+    x = constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), STREAM_AXES)
     length = x.shape[1]
     bias = attention_bias(mask, mask) + RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         name="relpos_bias")(length, length, bidirectional=True)
     layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout)
     for i in range(cfg.num_encoder_layers):
-      x = layer(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+      x = constrain(layer(cfg, name=f"layers_{i}")(x, bias, enable_dropout), STREAM_AXES)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), mask
 
@@ -346,14 +357,15 @@ class Decoder(nn.Module):
     # (self, y, encoded, self_bias, cross_bias, enable_dropout, decode); no remat while decoding.
     layer = DecoderLayer if decode else _remat(DecoderLayer, cfg, static_argnums=(5, 6))
     for i in range(cfg.num_decoder_layers):
-      y = layer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout, decode)
+      y = constrain(layer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout,
+                                                   decode), STREAM_AXES)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     if cfg.logits_via_embedding:
       logits = self.embedder.attend(y) / jnp.sqrt(jnp.asarray(y.shape[-1], cfg.dtype))
     else:
       logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.dtype, name="logits_dense")(y)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 class T5(nn.Module):

@@ -1,10 +1,13 @@
 """Sharding: a `(data, model)` device mesh and T5X's rules from logical axis names to mesh axes.
 
 Parameters are sharded by their logical names (`network.py` puts one on every parameter), the prompt is
-replicated, and batches are split over `data`. `mesh_shape=(-1, 1)` is pure data parallelism.
+replicated, and batches are split over `data`. Activations follow the same rules: the network marks
+them with `nn.with_logical_constraint` (batch over `data`; heads, MLP units and vocabulary over
+`model`), which takes effect in functions wrapped by `shard_activations`.
+`mesh_shape=(-1, 1)` is pure data parallelism.
 """
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,6 +72,18 @@ def model_param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES
   tokens = jax.numpy.ones((1, 1), jax.numpy.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
   return param_shardings(boxed, mesh, rules)
+
+
+def shard_activations(fn: Callable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Callable:
+  """`fn`, tracing with `mesh` and `rules` in effect, so the model's activation constraints apply.
+
+  Outside such a function (single-device use, tests) the constraints are no-ops.
+  """
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  wrapped.__name__ = getattr(fn, "__name__", None) or getattr(fn, "func").__name__  # names the jit
+  return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -118,9 +118,12 @@ def xla_flags(num_devices: int) -> str:
   XLA:CPU expands `jax.checkpoint`'s optimization barriers at the start of its pipeline, so CSE and the
   scheduler move the recomputed forward pass back into the forward pass and rematerialisation saves
   nothing; TPU and GPU keep the barriers. Skipping that pass makes the CPU program remat like theirs.
+  XLA:CPU's all-reduce combiner also merges every layer's all-reduce of the encoding's gradient (one
+  per decoder layer with heads over `model`) into one, which holds all of them at once (7 GiB per
+  device for XXL); TPU combines only up to a size threshold, so the plan skips that pass too.
   """
   return (f"--xla_force_host_platform_device_count={num_devices} "
-          "--xla_disable_hlo_passes=cse_barrier_expander")
+          "--xla_disable_hlo_passes=cse_barrier_expander,all-reduce-combiner")
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:

@@ -121,10 +121,12 @@ def eval_step(trainable, frozen, batch: Batch, *, model: T5,
 def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
                        state_shardings, frozen_shardings, loss_config: LossConfig = LossConfig(),
                        num_microbatches: int = 1) -> Callable:
-  """`train_step` under `jax.jit` with the state and frozen params placed by their shardings and the
-  batch split over the mesh's `data` axis; the old state's buffers are donated."""
-  step = functools.partial(train_step, model=model, optimizer=optimizer,
-                               loss_config=loss_config, num_microbatches=num_microbatches)
+  """`train_step` under `jax.jit` with the state and frozen params placed by their shardings, the
+  batch split over the mesh's `data` axis and activations sharded by the model's logical constraints;
+  the old state's buffers are donated."""
+  step = partitioning.shard_activations(functools.partial(
+      train_step, model=model, optimizer=optimizer, loss_config=loss_config,
+      num_microbatches=num_microbatches), mesh)
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
                  out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
@@ -132,7 +134,8 @@ def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh:
 
 def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardings,
                       loss_config: LossConfig = LossConfig()) -> Callable:
-  step = functools.partial(eval_step, model=model, loss_config=loss_config)
+  step = partitioning.shard_activations(
+      functools.partial(eval_step, model=model, loss_config=loss_config), mesh)
   return jax.jit(step, in_shardings=(trainable_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
                  out_shardings=partitioning.replicated(mesh))
