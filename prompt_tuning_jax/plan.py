@@ -123,7 +123,7 @@ def xla_flags(num_devices: int) -> str:
   device for XXL); TPU combines only up to a size threshold, so the plan skips that pass too.
   """
   return (f"--xla_force_host_platform_device_count={num_devices} "
-          "--xla_disable_hlo_passes=cse_barrier_expander,all-reduce-combiner")
+          "--xla_disable_hlo_passes=cse_barrier_expander,cpu-all-reduce-combiner")
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:

@@ -52,8 +52,6 @@ XXL = ("models/t5_1_1_lm100k_xxl_prompt.gin", "--gin.TASK_FEATURE_LENGTHS={'inpu
 
 @pytest.mark.skipif(not os.environ.get("RUN_BENCHMARKS"),
                     reason="compiles XXL over 32 simulated devices (minutes); set RUN_BENCHMARKS=1")
-@pytest.mark.xfail(strict=True, reason="plans at 19.3 GiB per v3 core (14.4 usable): activations are "
-                   "not yet sharded with logical constraints and the CPU compile keeps them in f32")
 def test_xxl_fits_a_v3_32_slice_with_model_parallelism_but_not_one_core():
   assert _plan(XXL[0], "2x16", "tpu_v3", *XXL[1:])["fits"]
   assert not _plan(XXL[0], "1x1", "tpu_v3", *XXL[1:])["fits"]
