@@ -192,9 +192,8 @@ class MultiHeadAttention(nn.Module):
       inputs_kv = inputs_kv.astype(cfg.dtype)
       query_in_inputs = constrain(jnp.einsum("bqhd,ehd->bqhe", query, key_kernel),
                                   ("batch", "length", "heads", "embed"))
-      # The long input is the left operand: the product is formed without a transposed copy of it.
-      logits = jnp.einsum("bke,bqhe->bqhk", inputs_kv.astype(logits_dtype),
-                          query_in_inputs.astype(logits_dtype))
+      logits = jnp.einsum("bqhe,bke->bqhk", query_in_inputs.astype(logits_dtype),
+                          inputs_kv.astype(logits_dtype))
       bias = jnp.swapaxes(bias, 1, 2).astype(logits_dtype)  # [batch|1, q, heads|1, k]
       weights = dropout(jax.nn.softmax(logits + bias, axis=-1).astype(cfg.dtype))
       weights = constrain(weights, ("batch", "length", "heads", None))

@@ -77,8 +77,11 @@ def model_param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES
 def shard_activations(fn: Callable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Callable:
   """`fn`, tracing with `mesh` and `rules` in effect, so the model's activation constraints apply.
 
-  Outside such a function (single-device use, tests) the constraints are no-ops.
+  Outside such a function, and on a one-device mesh, the constraints are no-ops.
   """
+  if mesh.size == 1:
+    return fn
+
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args, **kwargs)
