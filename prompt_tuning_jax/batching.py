@@ -37,7 +37,8 @@ def batch(dataset: tf.data.Dataset, batch_size: int, input_length: int,
     real = tf.reduce_sum(tf.cast(tokens > 0, tf.int32))  # unpacked examples pad only at the end
     return dict(example, encoder_input_tokens=tokens[:real])
 
-  return dataset.map(trim, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).bucket_by_sequence_length(
+  trimmed = dataset.map(trim, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return trimmed.bucket_by_sequence_length(
       lambda example: tf.shape(example["encoder_input_tokens"])[0],
       bucket_boundaries=[b + 1 for b in buckets],  # bucket i holds lengths up to buckets[i]
       bucket_batch_sizes=[batch_size] * (len(buckets) + 1), pad_to_bucket_boundary=True,

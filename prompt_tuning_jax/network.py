@@ -10,7 +10,8 @@ pre_cross_attention_layer_norm,encoder_decoder_attention,pre_mlp_layer_norm,mlp}
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`, `prompt`, `prompt_embed`) through `nn.with_logical_partitioning`, which the trainer maps
 to mesh axes; activations carry them (plus `batch`, `length`) through `nn.with_logical_constraint`,
-which shards them wherever `partitioning.shard_activations` is in effect and is a no-op elsewhere. A soft prompt enters through one hook: the encoder hands its embedded input to a
+which shards them wherever `partitioning.shard_activations` is in effect and is a no-op elsewhere.
+A soft prompt enters through one hook: the encoder hands its embedded input to a
 `prompts.PromptInput` (parameter `encoder/prompt/prompt/prompt`, the official code's name) when the
 model is built with a `PromptConfig`.
 """

@@ -85,7 +85,8 @@ def shard_activations(fn: Callable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Cal
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args, **kwargs)
-  wrapped.__name__ = getattr(fn, "__name__", None) or getattr(fn, "func").__name__  # names the jit
+  # Names the jit after the step (`fn` may be a functools.partial, which has no name of its own).
+  wrapped.__name__ = fn.__name__ if hasattr(fn, "__name__") else fn.func.__name__
   return wrapped
 
 
