@@ -3,6 +3,7 @@
 Both sides build the same T5 1.1 shape with random weights: ours (`network.T5` plus a prompt, the
 trainer's compiled step) and Hugging Face's `T5ForConditionalGeneration` wrapped by PEFT prompt tuning.
 """
+import contextlib
 import json
 import os
 import resource
@@ -52,6 +53,19 @@ def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) ->
   flops = 2.0 * n ** 3
   return dict(n=n, dtype=dtype, flops_per_s=flops / min(timing["step_times_s"]),
               median_flops_per_s=flops / timing["step_s"], load=timing["load_after"])
+
+
+@contextlib.contextmanager
+def textbook_attention():
+  """Within it, every attention projects its keys and values (T5 as written, as PEFT runs it): the
+  model's FLOPs, without our cross-attention reassociation (`network.attends_through_inputs`).
+  Steps must be traced inside it (a fresh `jax.jit`)."""
+  from prompt_tuning_jax import network  # pylint: disable=g-import-not-at-top
+  reassociate, network.attends_through_inputs = network.attends_through_inputs, lambda *_: False
+  try:
+    yield
+  finally:
+    network.attends_through_inputs = reassociate
 
 
 def t5_config(**overrides):

@@ -50,10 +50,9 @@ def measure(size: str, steps: int) -> dict[str, Any]:
   stats = jax.devices()[0].memory_stats() or {}
   # The model's FLOPs: the same step with every attention projecting keys and values (textbook T5),
   # before the cross-attention reassociation; a fresh jit, so it traces again.
-  reassociate, network.attends_through_inputs = network.attends_through_inputs, lambda *_: False
-  textbook = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
-  model_flops = textbook.lower(holder["state"], frozen, batch).compile().cost_analysis()["flops"]
-  network.attends_through_inputs = reassociate
+  with common.textbook_attention():
+    textbook = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+    model_flops = textbook.lower(holder["state"], frozen, batch).compile().cost_analysis()["flops"]
   return dict(timing, size=size, compile_s=compile_s, flops=compiled.cost_analysis()["flops"],
               model_flops=model_flops,
               examples_per_s=BATCH / timing["step_s"],

@@ -130,15 +130,14 @@ def ours_rte(num_examples: int) -> dict[str, Any]:
 
 def flops_frozen_vs_trainable() -> dict[str, Any]:
   """XLA's FLOPs of the compiled step: prompt-only versus every parameter trainable, and the model's
-  FLOPs (`model_flops`): the same step with every attention projecting its keys and values, the
-  textbook T5 that PEFT runs, before our cross-attention reassociation (`network.attends_through_inputs`)."""
-  from prompt_tuning_jax import network, plan  # pylint: disable=g-import-not-at-top
+  FLOPs (`model_flops`): the same step under `common.textbook_attention`."""
+  from prompt_tuning_jax import plan  # pylint: disable=g-import-not-at-top
   count = lambda patterns: plan.plan_train_step(
       common.t5_config(), PROMPT, BATCH, {"inputs": INPUTS, "targets": TARGETS}, (1, 1), "tpu_v3",
       trainable_patterns=patterns).flops_per_device
   flops = {"prompt_only": count(None), "all_trainable": count((".*",))}
-  network.attends_through_inputs = lambda *_: False
-  flops["model_flops"] = count(None)
+  with common.textbook_attention():
+    flops["model_flops"] = count(None)
   return dict(flops, ratio=flops["prompt_only"] / flops["all_trainable"])
 
 

@@ -9,13 +9,13 @@ a backend, so a process that computed with JAX before importing this package kee
 GPU and TPU runs ignore the flag.
 """
 import os
+import sys
 from typing import MutableMapping
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
 def _backends_started() -> bool:
-  import sys  # pylint: disable=g-import-not-at-top
   if "jax" not in sys.modules:
     return False
   try:
