@@ -8,7 +8,8 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
     longest example, ours batches within a few length buckets (one compiled shape per bucket);
   - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
-  - memory options: bfloat16 activations and frozen weights, rematerialisation policies.
+  - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
+    layers and their compile time at 24 + 24 layers.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
 neither framework's thread pools disturb the other; every result records the load average.
 """
@@ -224,6 +225,7 @@ def run_worker(name: str, xla_flags: Optional[str] = None, **kwargs) -> dict[str
 # XLA:CPU expands jax.checkpoint's barriers early and CSE then undoes rematerialisation; the remat
 # options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`).
 KEEP_REMAT = f"{YNN_OFF} --xla_disable_hlo_passes=cse_barrier_expander"
+DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
 OPTIONS = {
     "float32": dict(),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
@@ -231,6 +233,10 @@ OPTIONS = {
                                               frozen_dtype="bfloat16"),
     "remat full": dict(config_overrides={"remat_policy": "full"}, xla_flags=KEEP_REMAT),
     "remat dots": dict(config_overrides={"remat_policy": "dots"}, xla_flags=KEEP_REMAT),
+    "scan layers": dict(config_overrides={"scan_layers": True}),
+    # Compile time at depth: 24 + 24 layers (T5 1.1 Large's depth at Small's width).
+    "24+24 layers": dict(config_overrides=DEEP),
+    "24+24 layers, scanned": dict(config_overrides={**DEEP, "scan_layers": True}),
 }
 
 

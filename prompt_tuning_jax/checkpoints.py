@@ -83,7 +83,8 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
 
   Returns:
     (config, params): params is the nested dict of numpy arrays of `network.T5(config)` (plus
-    `encoder/prompt/prompt/prompt` `[prompt_length, embed]` when the checkpoint holds a prompt).
+    `encoder/prompt/prompt/prompt` `[prompt_length, embed]` when the checkpoint holds a prompt);
+    layers are stacked (`stack_layers`) when `config.scan_layers` is set.
 
   Raises:
     CheckpointError: the path is missing or not a checkpoint, the file is corrupt, or a parameter is
@@ -95,7 +96,7 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
   prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
   check_params(param_shapes(config, prompt_length), shapes, checkpoint=path)
   with _as_checkpoint_error(path):
-    return config, unflatten(read_arrays(dtype))
+    return config, unflatten(stack_layers(read_arrays(dtype), config))
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]],
@@ -131,9 +132,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]],
 
 
 def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[str, tuple[int, ...]]:
-  """Flat `{param path: shape}` of `network.T5(config)` (with a prompt of `prompt_length`)."""
+  """Flat `{param path: shape}` of `network.T5(config)` (with a prompt of `prompt_length`), in the
+  checkpoint layout (one `layers_{i}` per layer) also when `config.scan_layers` is set."""
   prompt_config = None if prompt_length is None else prompts.PromptConfig(prompt_length)
-  model = network.T5(config, prompt_config)
+  model = network.T5(config.replace(scan_layers=False), prompt_config)
   tokens = jnp.ones((1, 1), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens)
   return {name: tuple(leaf.shape) for name, leaf in flatten(nn.unbox(abstract["params"])).items()}
@@ -166,6 +168,28 @@ def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpo
         + "\nLoad it without `config=` to use the architecture it holds (`python -m "
           "prompt_tuning_jax.inspect PATH` prints it), or fix the T5Config fields (or the "
           "config.json) these shapes come from.")
+
+
+def stack_layers(flat: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
+  """Flat params in the checkpoint layout -> the layout of `network.T5(config)`.
+
+  For `config.scan_layers`, each stack's `{stack}/layers_{i}/{rest}` become one
+  `{stack}/layers/{rest}` `[num_layers, ...]` (layer i at index i); otherwise `flat` is returned as is.
+  """
+  if not config.scan_layers:
+    return dict(flat)
+  layer = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")
+  stacked, grouped = {}, {}
+  for name, value in flat.items():
+    match = layer.match(name)
+    if match:
+      stack, index, rest = match.groups()
+      grouped.setdefault(f"{stack}/layers/{rest}", {})[int(index)] = value
+    else:
+      stacked[name] = value
+  for name, by_index in grouped.items():
+    stacked[name] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
+  return stacked
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -39,6 +39,10 @@ class T5Config:
   # Rematerialisation of each layer in the backward pass: "none" keeps all activations, "full" keeps
   # only each layer's input and recomputes the rest, "dots" keeps the matmul outputs.
   remat_policy: str = "none"
+  # Run each stack's layers with `nn.scan` over parameters stacked on a leading `layers` axis: one
+  # layer is compiled instead of all of them. Checkpoints keep T5X's `layers_{i}` layout;
+  # `checkpoints.stack_layers` converts on loading.
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",

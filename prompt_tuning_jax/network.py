@@ -6,6 +6,8 @@ The parameter tree is the one T5X (flaxformer) checkpoints hold:
 `encoder/encoder_norm`, `decoder/layers_{i}/{pre_self_attention_layer_norm,self_attention,
 pre_cross_attention_layer_norm,encoder_decoder_attention,pre_mlp_layer_norm,mlp}`, `decoder/decoder_norm`,
 `decoder/logits_dense` (untied models only). Attention kernels are stored joined, `[embed, heads * kv]`.
+With `T5Config.scan_layers` each stack's layers are one `nn.scan`ned module, `{encoder,decoder}/layers/...`,
+every parameter stacked on a leading `layers` axis (`checkpoints.stack_layers` converts).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`, `prompt`, `prompt_embed`) through `nn.with_logical_partitioning`, which the trainer maps
@@ -246,25 +248,31 @@ class MlpBlock(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+  """Self-attention and MLP, each pre-normed and residual. Under `nn.scan` (`scanned`) it returns
+  `(x, None)`, scan's (carry, output)."""
   config: T5Config
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array, enable_dropout: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array, enable_dropout: bool = False):
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
     y = MultiHeadAttention(cfg, name="attention")(y, y, bias, enable_dropout=enable_dropout)
     x = x + drop(y)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
-    return x + drop(MlpBlock(cfg, name="mlp")(y, enable_dropout))
+    x = constrain(x + drop(MlpBlock(cfg, name="mlp")(y, enable_dropout)), STREAM_AXES)
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
+  """Causal self-attention, cross-attention to the encoding and MLP; `scanned` as `EncoderLayer`."""
   config: T5Config
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, y: jax.Array, encoded: jax.Array, self_bias: jax.Array, cross_bias: jax.Array,
-               enable_dropout: bool = False, decode: bool = False) -> jax.Array:
+               enable_dropout: bool = False, decode: bool = False):
     cfg = self.config
     drop = lambda z: nn.Dropout(cfg.dropout_rate)(z, deterministic=not enable_dropout)
     z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm")(y)
@@ -276,7 +284,8 @@ class DecoderLayer(nn.Module):
                                                                  enable_dropout=enable_dropout)
     y = y + drop(z)
     z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
-    return y + drop(MlpBlock(cfg, name="mlp")(z, enable_dropout))
+    y = constrain(y + drop(MlpBlock(cfg, name="mlp")(z, enable_dropout)), STREAM_AXES)
+    return (y, None) if self.scanned else y
 
 
 def _remat(layer: type[nn.Module], config: T5Config, static_argnums: tuple[int, ...]):
@@ -286,6 +295,24 @@ def _remat(layer: type[nn.Module], config: T5Config, static_argnums: tuple[int, 
   policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[
       config.remat_policy]
   return nn.remat(layer, policy=policy, static_argnums=static_argnums)
+
+
+def _stack(layer: type[nn.Module], config: T5Config, num_layers: int, name: str, *args) -> jax.Array:
+  """Runs `num_layers` of `layer` on `args` (the stream first, the rest shared by every layer).
+
+  With `config.scan_layers` one layer is traced and `nn.scan` runs it over parameters stacked on a
+  leading `layers` axis (`{name}/...`, `[num_layers, ...]`), so compile time does not grow with depth;
+  otherwise each layer is its own module `{name}_{i}`, the checkpoint layout.
+  """
+  stream, *shared = args
+  if config.scan_layers:
+    scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                      length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(config, scanned=True, name=name)(stream, *shared)[0]
+  for i in range(num_layers):
+    stream = layer(config, name=f"{name}_{i}")(stream, *shared)
+  return stream
 
 
 class Encoder(nn.Module):
@@ -314,8 +341,7 @@ class Encoder(nn.Module):
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         name="relpos_bias")(length, length, bidirectional=True)
     layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout)
-    for i in range(cfg.num_encoder_layers):
-      x = constrain(layer(cfg, name=f"layers_{i}")(x, bias, enable_dropout), STREAM_AXES)
+    x = _stack(layer, cfg, cfg.num_encoder_layers, "layers", x, bias, enable_dropout)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), mask
 
@@ -356,9 +382,8 @@ class Decoder(nn.Module):
       cross_bias = attention_bias(query_mask, encoded_mask)
     # (self, y, encoded, self_bias, cross_bias, enable_dropout, decode); no remat while decoding.
     layer = DecoderLayer if decode else _remat(DecoderLayer, cfg, static_argnums=(5, 6))
-    for i in range(cfg.num_decoder_layers):
-      y = constrain(layer(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias, enable_dropout,
-                                                   decode), STREAM_AXES)
+    y = _stack(layer, cfg, cfg.num_decoder_layers, "layers", y, encoded, self_bias, cross_bias,
+               enable_dropout, decode)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
     if cfg.logits_via_embedding:

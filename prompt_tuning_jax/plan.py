@@ -33,7 +33,8 @@ class Plan:
   temporary_bytes: int     # activations and other temporaries
   output_bytes: int
   alias_bytes: int         # donated buffers reused for outputs
-  flops_per_device: float
+  # None for scanned layers: XLA's cost analysis counts a loop's body once, not once per layer.
+  flops_per_device: Optional[float]
   device_memory: int
 
   @property
@@ -52,8 +53,10 @@ class Plan:
             ("outputs (less donated buffers)",
              f"{(self.output_bytes - self.alias_bytes) / GIB:.3f} GiB"),
             ("total per device", f"{self.total_bytes / GIB:.3f} GiB"),
-            ("FLOPs per step per device", f"{self.flops_per_device:.3e}"),
-            ("step time at peak FLOP/s",
+            ("FLOPs per step per device", "not counted for scanned layers: plan with "
+             "t5_config.scan_layers=False" if self.flops_per_device is None
+             else f"{self.flops_per_device:.3e}"),
+            ("step time at peak FLOP/s", "-" if self.flops_per_device is None else
              f"{self.flops_per_device / DEVICES[self.device]['peak_flops'] * 1e3:.1f} ms"),
             ("fits", "yes" if self.fits else
              f"NO: needs {self.total_bytes / GIB:.1f} GiB of {HEADROOM * self.device_memory / GIB:.1f}")]
@@ -108,7 +111,8 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
   return Plan(mesh=tuple(mesh.devices.shape), device=device,
               argument_bytes=memory.argument_size_in_bytes,
               temporary_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-              alias_bytes=memory.alias_size_in_bytes, flops_per_device=float(cost.get("flops", 0.0)),
+              alias_bytes=memory.alias_size_in_bytes,
+              flops_per_device=None if model_config.scan_layers else float(cost.get("flops", 0.0)),
               device_memory=DEVICES[device]["memory"])
 
 

@@ -150,26 +150,29 @@ def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional
 
   Every parameter must match `model_config`; with an `assignment_map` (T5X's (target regex, source or
   None) pairs) unmatched or skipped parameters start from scratch. With no path, the whole model is
-  random (demos and tests).
+  random (demos and tests). The layout is `T5(model_config)`'s (layers stacked for `scan_layers`).
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   tokens = jnp.ones((1, 1), jnp.int32)
-  scratch = lambda: checkpoints.flatten(nn.unbox(jax.jit(T5(model_config).init)(
+  unscanned = model_config.replace(scan_layers=False)
+  scratch = lambda: checkpoints.flatten(nn.unbox(jax.jit(T5(unscanned).init)(
       rng, tokens, tokens))["params"])
   if initial_checkpoint_path is None:
-    return scratch()
-  check_initial_checkpoint(initial_checkpoint_path)
-  if not assignment_map:
-    return checkpoints.flatten(
-        checkpoints.load_checkpoint(initial_checkpoint_path, config=model_config)[1])
-  _, raw = checkpoints.load_checkpoint(initial_checkpoint_path)
-  loaded, missing = checkpoints.apply_assignment_map(
-      checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
-  if missing:
-    logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
-    fresh = scratch()
-    loaded.update({path: fresh[path] for path in missing})
-  return loaded
+    loaded = scratch()
+  elif not assignment_map:
+    check_initial_checkpoint(initial_checkpoint_path)
+    loaded = checkpoints.flatten(
+        checkpoints.load_checkpoint(initial_checkpoint_path, config=unscanned)[1])
+  else:
+    check_initial_checkpoint(initial_checkpoint_path)
+    _, raw = checkpoints.load_checkpoint(initial_checkpoint_path)
+    loaded, missing = checkpoints.apply_assignment_map(
+        checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
+    if missing:
+      logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
+      fresh = scratch()
+      loaded.update({path: fresh[path] for path in missing})
+  return checkpoints.stack_layers(loaded, model_config)
 
 
 def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
@@ -285,7 +288,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   # ---- Everything checked: from here on MODEL_DIR is written. ----
   run_checkpoints.check_run_config(model_dir, _run_settings(
       mixture_or_task_name=mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-      train_steps=train_steps, batch_size=batch_size, model_config=model_config,
+      train_steps=train_steps, batch_size=batch_size,
+      # Scanning is how the layers compile, not what they compute: a run resumes either way.
+      model_config={k: v for k, v in dataclasses.asdict(model_config).items() if k != "scan_layers"},
       prompt_length=prompt_length, prompt_combine=prompt_combine,
       initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=list(trainable_patterns),
       loss_config=loss_config, num_microbatches=num_microbatches, eval_period=eval_period,

@@ -69,6 +69,20 @@ def test_params_match_the_model_tree(loaded):
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
 
 
+def test_scanned_config_loads_the_layers_stacked(loaded):
+  """The real T5X checkpoint into a `scan_layers` model: layer i at index i, same logits."""
+  config, params = loaded
+  scanned_config = config.replace(scan_layers=True)
+  _, stacked = checkpoints.load_checkpoint(str(CHECKPOINT), config=scanned_config)
+  for stack in ("encoder", "decoder"):
+    assert not any(name.startswith("layers_") for name in stacked[stack])
+    for i in range(2):
+      np.testing.assert_array_equal(stacked[stack]["layers"]["mlp"]["wo"]["kernel"][i],
+                                    params[stack][f"layers_{i}"]["mlp"]["wo"]["kernel"])
+  np.testing.assert_allclose(jax.jit(_apply, static_argnums=0)(scanned_config, stacked),
+                             jax.jit(_apply, static_argnums=0)(config, params), rtol=1e-5, atol=1e-6)
+
+
 def test_embedding_equals_the_zarr_data(loaded):
   _, params = loaded
   np.testing.assert_array_equal(params["token_embedder"]["embedding"],

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import decoding, network, prompts, scoring
+from prompt_tuning_jax import checkpoints, decoding, network, prompts, scoring
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0], [11, 12, 13, 14, 15, 1]], np.int32)
 LENGTH = 7
@@ -153,3 +153,16 @@ def test_bad_decoding_arguments_are_named(model_and_params):
   with pytest.raises(ValueError, match="beam_size must be at least 1"):
     decoding.beam_search(model, params, INPUTS, max_decode_length=3, beam_size=0)
 
+
+
+def test_scanned_layers_decode_like_one_module_per_layer(model_and_params, greedy):
+  """The key/value cache is stacked with the scanned layers' parameters and decodes the same."""
+  model, params = model_and_params
+  scanned_config = model.config.replace(scan_layers=True)
+  scanned = network.T5(scanned_config, model.prompt_config)
+  stacked = checkpoints.unflatten(checkpoints.stack_layers(checkpoints.flatten(params),
+                                                           scanned_config))
+  tokens, log_likelihood = jax.jit(functools.partial(
+      decoding.greedy_decode, scanned, max_decode_length=LENGTH))(stacked, INPUTS)
+  np.testing.assert_array_equal(tokens, greedy[0])
+  np.testing.assert_allclose(log_likelihood, greedy[1], rtol=1e-5)

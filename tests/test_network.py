@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import config, network, prompt_initializers, prompts
+from prompt_tuning_jax import checkpoints, config, network, prompt_initializers, prompts
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0]], np.int32)
 TARGETS = np.array([[11, 12, 1, 0], [13, 1, 0, 0]], np.int32)
@@ -177,3 +177,33 @@ def test_cross_attention_through_inputs_equals_projected_keys_and_values():
   weights /= weights.sum(-1, keepdims=True)
   expected = np.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, queries, -1) @ kernel("out")
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_scanned_layers_equal_one_module_per_layer(tiny_config, tiny_params, remat_policy):
+  """`scan_layers` stacks the same parameters on a `layers` axis; logits and prompt gradients agree."""
+  cfg = tiny_config.replace(remat_policy=remat_policy)
+  scanned_cfg = cfg.replace(scan_layers=True)
+  prompt = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.emb_dim))
+  params = _with_prompt(tiny_params, prompt)
+  stacked = checkpoints.unflatten(checkpoints.stack_layers(checkpoints.flatten(params), scanned_cfg))
+  variables = jax.eval_shape(network.T5(scanned_cfg, prompts.PromptConfig(3)).init,
+                             jax.random.PRNGKey(0), INPUTS, DECODER_INPUTS)
+  assert (jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(variables)["params"])
+          == jax.tree_util.tree_map(np.shape, stacked))
+  specs = nn.get_partition_spec(variables)["params"]
+  assert tuple(specs["encoder"]["layers"]["attention"]["query"]["kernel"]) == (
+      "layers", "embed", "joined_kv")
+  assert stacked["decoder"]["layers"]["mlp"]["wo"]["kernel"].shape == (
+      cfg.num_decoder_layers, cfg.mlp_dim, cfg.emb_dim)
+
+  def loss_and_grad(model_config, p):
+    model = network.T5(model_config, prompts.PromptConfig(3))
+    def loss(prompt_value):
+      logits = model.apply({"params": _with_prompt(p, prompt_value)}, INPUTS, DECODER_INPUTS, TARGETS)
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 0]), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
+  (_, logits), grad = loss_and_grad(cfg, params)
+  (_, scanned_logits), scanned_grad = loss_and_grad(scanned_cfg, stacked)
+  np.testing.assert_allclose(scanned_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(scanned_grad, grad, rtol=1e-5, atol=1e-6)

@@ -120,6 +120,15 @@ def test_restart_reaches_the_uninterrupted_prompt(full_run, tmp_path):
   np.testing.assert_array_equal(prompt_at(model_dir, 6), prompt_at(full_run[0], 6))
 
 
+def test_resumed_with_scanned_layers_reaches_the_same_prompt(full_run, tmp_path):
+  """`t5_config.scan_layers` stacks the checkpoint's layers; the run it resumes trains on alike."""
+  model_dir = tmp_path / "run"
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="3"))
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), **{"t5_config.scan_layers": "True"}))
+  np.testing.assert_allclose(prompt_at(model_dir, 6), prompt_at(full_run[0], 6), rtol=1e-5,
+                             atol=1e-6)
+
+
 def expect_one_line_error(capsys, main, argv, message):
   with pytest.raises(SystemExit) as exit_info:
     main(argv)
