@@ -14,7 +14,7 @@ def check_length_buckets(length_buckets: Sequence[int], input_length: int) -> tu
   """The sorted buckets, with `input_length` as the last; names a bucket that cannot be used."""
   bad = [b for b in length_buckets if not isinstance(b, int) or b <= 0 or b > input_length]
   if bad:
-    raise ValueError(f"LENGTH_BUCKETS {list(length_buckets)}: {bad} not a positive integer up to "
+    raise ValueError(f"train.length_buckets={list(length_buckets)}: {bad} not a positive integer up to "
                      f"TASK_FEATURE_LENGTHS['inputs']={input_length}. Give input lengths (before "
                      f"the prompt), e.g. [64, 128, {input_length}].")
   return tuple(sorted(set(length_buckets) | {input_length}))

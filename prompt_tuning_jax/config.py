@@ -54,6 +54,8 @@ class T5Config:
                                        for a in self.mlp_activations):
       raise ValueError(f"T5Config.mlp_activations={self.mlp_activations!r}: use ('relu',) for T5 1.0 "
                        "or ('gelu', 'linear') for T5 1.1; known activations: gelu, relu, silu, linear.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"T5Config.scan_layers={self.scan_layers!r}: use True or False.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}.")
     if not 0.0 <= self.dropout_rate < 1.0:

@@ -204,7 +204,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   keeps its prompt in `MODEL_DIR/best`. `class_labels` (CLASS_LABELS) are checked against the
   targets' length. `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or
   Inf instead of stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
-  `train_metrics.jsonl`. `length_buckets` (LENGTH_BUCKETS, input lengths before the prompt, e.g.
+  `train_metrics.jsonl`. `length_buckets` (input lengths before the prompt, e.g.
   `[64, 128, 256]`) batches examples of similar length together, one compiled step per bucket
   (`batching.batch`; one host only). Everything is checked before anything is written.
 
@@ -229,8 +229,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   if length_buckets:
     batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"])
     if jax.process_count() > 1:
-      raise ValueError("LENGTH_BUCKETS give each host its own batch shapes; on several hosts leave "
-                       "them empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
+      raise ValueError("train.length_buckets give each host its own batch shapes; on several hosts "
+                       "leave them empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
   if initial_checkpoint_path is not None:

@@ -119,6 +119,11 @@ CASES = [
     Case("mesh_needs_more_devices", "train.mesh_shape needs more devices than there are",
          {"train.mesh_shape": "(2, 1)"}, "mesh_shape (2, 1) needs 2 devices",
          "Make data x model the device count."),
+    Case("length_bucket_too_long", "A train.length_buckets entry exceeds TASK_FEATURE_LENGTHS['inputs']",
+         {"train.length_buckets": "[16, 64]"}, "[64] not a positive integer up to",
+         "Give input lengths up to 'inputs' (the longest bucket is 'inputs' itself)."),
+    Case("scan_layers_not_bool", "t5_config.scan_layers is not True or False",
+         {"t5_config.scan_layers": "'yes'"}, "T5Config.scan_layers='yes'", "Give True or False."),
     # MODEL_DIR.
     Case("model_dir_other_run", "MODEL_DIR holds a run with other settings", {},
          "holds a run with different settings", "Use a new MODEL_DIR, or the run's settings.",

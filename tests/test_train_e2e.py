@@ -195,7 +195,7 @@ def test_eval_rejects_a_prompt_file_of_another_model(full_run, tmp_path, capsys,
 
 
 def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
-  """LENGTH_BUCKETS: batches of RTE's real lengths come in the buckets' shapes, each example whole."""
+  """train.length_buckets: batches of RTE's real lengths come in the buckets' shapes, each example whole."""
   shapes, compile_train_step = [], trainer.compile_train_step
 
   def recording_compile(*args, **kwargs):
