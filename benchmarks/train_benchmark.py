@@ -237,6 +237,10 @@ OPTIONS = {
     # Compile time at depth: 24 + 24 layers (T5 1.1 Large's depth at Small's width).
     "24+24 layers": dict(config_overrides=DEEP),
     "24+24 layers, scanned": dict(config_overrides={**DEEP, "scan_layers": True}),
+    "24+24 layers, remat full": dict(config_overrides={**DEEP, "remat_policy": "full"},
+                                     xla_flags=KEEP_REMAT),
+    "24+24 layers, remat full, scanned": dict(
+        config_overrides={**DEEP, "remat_policy": "full", "scan_layers": True}, xla_flags=KEEP_REMAT),
 }
 
 
