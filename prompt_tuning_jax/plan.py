@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 GIB = 1024 ** 3
 # Per-device memory and peak dense bfloat16 FLOP/s of the accelerators a plan can target.
@@ -33,8 +33,7 @@ class Plan:
   temporary_bytes: int     # activations and other temporaries
   output_bytes: int
   alias_bytes: int         # donated buffers reused for outputs
-  # None for scanned layers: XLA's cost analysis counts a loop's body once, not once per layer.
-  flops_per_device: Optional[float]
+  flops_per_device: float
   device_memory: int
 
   @property
@@ -53,10 +52,8 @@ class Plan:
             ("outputs (less donated buffers)",
              f"{(self.output_bytes - self.alias_bytes) / GIB:.3f} GiB"),
             ("total per device", f"{self.total_bytes / GIB:.3f} GiB"),
-            ("FLOPs per step per device", "not counted for scanned layers: plan with "
-             "t5_config.scan_layers=False" if self.flops_per_device is None
-             else f"{self.flops_per_device:.3e}"),
-            ("step time at peak FLOP/s", "-" if self.flops_per_device is None else
+            ("FLOPs per step per device", f"{self.flops_per_device:.3e}"),
+            ("step time at peak FLOP/s",
              f"{self.flops_per_device / DEVICES[self.device]['peak_flops'] * 1e3:.1f} ms"),
             ("fits", "yes" if self.fits else
              f"NO: needs {self.total_bytes / GIB:.1f} GiB of {HEADROOM * self.device_memory / GIB:.1f}")]
@@ -108,12 +105,29 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  if model_config.scan_layers:
+    flops = _scanned_flops(model_config, lambda shallow: plan_train_step(
+        shallow, prompt_length, batch_size, feature_lengths, mesh_shape, device, num_microbatches,
+        trainable_patterns).flops_per_device)
   return Plan(mesh=tuple(mesh.devices.shape), device=device,
               argument_bytes=memory.argument_size_in_bytes,
               temporary_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-              alias_bytes=memory.alias_size_in_bytes,
-              flops_per_device=None if model_config.scan_layers else float(cost.get("flops", 0.0)),
+              alias_bytes=memory.alias_size_in_bytes, flops_per_device=flops,
               device_memory=DEVICES[device]["memory"])
+
+
+def _scanned_flops(model_config, count: Callable[[Any], float]) -> float:
+  """FLOPs per step of a scanned model, whose loops XLA's cost analysis counts once.
+
+  `count(config)` gives the FLOPs of a step. Every layer of a stack costs the same, so the unrolled
+  steps with 1 or 2 layers per stack give each stack's cost per layer.
+  """
+  shallow = lambda encoder, decoder: count(model_config.replace(
+      scan_layers=False, num_encoder_layers=encoder, num_decoder_layers=decoder))
+  base = shallow(1, 1)
+  return (base + (model_config.num_encoder_layers - 1) * (shallow(2, 1) - base)
+          + (model_config.num_decoder_layers - 1) * (shallow(1, 2) - base))
 
 
 def xla_flags(num_devices: int) -> str:
