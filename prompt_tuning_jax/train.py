@@ -158,20 +158,18 @@ def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional
   scratch = lambda: checkpoints.flatten(nn.unbox(jax.jit(T5(unscanned).init)(
       rng, tokens, tokens))["params"])
   if initial_checkpoint_path is None:
-    loaded = scratch()
-  elif not assignment_map:
-    check_initial_checkpoint(initial_checkpoint_path)
-    loaded = checkpoints.flatten(
-        checkpoints.load_checkpoint(initial_checkpoint_path, config=unscanned)[1])
-  else:
-    check_initial_checkpoint(initial_checkpoint_path)
-    _, raw = checkpoints.load_checkpoint(initial_checkpoint_path)
-    loaded, missing = checkpoints.apply_assignment_map(
-        checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
-    if missing:
-      logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
-      fresh = scratch()
-      loaded.update({path: fresh[path] for path in missing})
+    return checkpoints.stack_layers(scratch(), model_config)
+  check_initial_checkpoint(initial_checkpoint_path)
+  if not assignment_map:  # load_checkpoint stacks the layers itself
+    return checkpoints.flatten(
+        checkpoints.load_checkpoint(initial_checkpoint_path, config=model_config)[1])
+  _, raw = checkpoints.load_checkpoint(initial_checkpoint_path)
+  loaded, missing = checkpoints.apply_assignment_map(
+      checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
+  if missing:
+    logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
+    fresh = scratch()
+    loaded.update({path: fresh[path] for path in missing})
   return checkpoints.stack_layers(loaded, model_config)
 
 
