@@ -29,17 +29,20 @@ def peak_rss_mib() -> float:
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int = 2,
                sync: Callable[[Any], Any] = lambda x: x) -> dict[str, Any]:
-  """Median and all wall times of `steps` calls of `step()` after `warmup` calls, with the load."""
+  """Median and all wall times of `steps` calls of `step()` after `warmup` calls, with the load and
+  the page faults per timed call."""
   for _ in range(warmup):
     sync(step())
   times = []
   load_before = load()
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     start = time.perf_counter()
     sync(step())
     times.append(time.perf_counter() - start)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   return dict(step_s=statistics.median(times), step_times_s=[round(t, 4) for t in times],
-              load_before=load_before, load_after=load())
+              load_before=load_before, load_after=load(), page_faults_per_step=faults / steps)
 
 
 def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> dict[str, Any]:

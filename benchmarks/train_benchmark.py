@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,16 +79,11 @@ def ours_fixed(steps: int, config_overrides: Optional[dict[str, Any]] = None,
   def run():
     holder["state"], metrics = compiled(holder["state"], frozen, batch)
     return metrics
-  for _ in range(2):  # warm-up
-    jax.block_until_ready(run())
-  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  timing = common.time_steps(run, steps, warmup=0, sync=jax.block_until_ready)
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+  timing = common.time_steps(run, steps, sync=jax.block_until_ready)
   leaves = lambda tree: jax.tree_util.tree_leaves(tree)
   return dict(timing, compile_s=compile_s, flops=flops, examples_per_s=BATCH / timing["step_s"],
               tokens_per_s=BATCH * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
-              page_faults_per_step=faults, temp_bytes=memory.temp_size_in_bytes,
-              argument_bytes=memory.argument_size_in_bytes,
+              temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
               frozen_bytes=sum(x.nbytes for x in leaves(frozen)),
               optimizer_state_bytes=sum(x.nbytes for x in leaves(holder["state"].opt_state)),
               peak_rss_mib=common.peak_rss_mib())
