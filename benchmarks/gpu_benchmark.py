@@ -4,27 +4,57 @@
 
 Batch 32, inputs 128 + a 100-position prompt, targets 8, random weights, bfloat16 activations and
 frozen weights (the prompt and its Adafactor state stay float32). MFU is the model's FLOPs per step
-(XLA's count of the textbook step, keys and values projected) over the step time, over a bfloat16
-matmul peak measured on the same card in the same run; HFU counts the FLOPs our step really runs. Made to finish in
-well under 8 minutes on an A100/H100.
+(XLA's count of the textbook step, keys and values projected, on the lowered program, so it costs no
+second compile) over the step time, over a bfloat16 matmul peak measured on the same card in the same
+run; HFU counts the FLOPs our compiled step really runs. Each size's row is printed and the JSON
+rewritten as soon as it is measured, and a size that fails records its error and the run goes on.
+Made to finish in well under 8 minutes on an A100/H100.
 """
 import argparse
 import sys
 import time
+import traceback
 from typing import Any, Optional, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 from benchmarks import common
 from prompt_tuning_jax import config, freezing, network, optimizers, partitioning, prompts, trainer
 
-BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
+INPUTS, PROMPT, TARGETS = 128, 100, 8
+HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} {'MFU':>5} "
+          f"{'HFU':>5} {'peak GiB':>8}")
 
 
-def measure(size: str, steps: int) -> dict[str, Any]:
+def textbook_flops(size: str, batch: dict[str, Any]) -> float:
+  """The model's FLOPs per step: the train step of `size` with unscanned layers (XLA counts a loop's
+  body once) and every attention projecting keys and values (textbook T5,
+  `common.textbook_attention`), counted by XLA on the program lowered for the CPU backend from
+  abstract shapes: before XLA's passes, so the count does not depend on the card (GPU backends give no
+  cost analysis for a lowered program, and their compiled count of our Small step is 0.63x XLA:CPU's)."""
+  model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16), prompts.PromptConfig(PROMPT))
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
+  frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
+  optimizer = optimizers.prompt_tuning_adafactor()
+  state = jax.eval_shape(lambda t: trainer.TrainState.create(t, optimizer, jax.random.PRNGKey(0)),
+                         trainable)
+  mesh = partitioning.make_mesh((1, 1), jax.devices("cpu")[:1])
+  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
+  with common.textbook_attention():
+    step = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+    return step.lower(state, frozen, batch).cost_analysis()["flops"]
+
+
+def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -> dict[str, Any]:
   """Compile time, median step time, FLOPs and memory of the bfloat16 train step of one size."""
-  model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16),
+  begin = time.perf_counter()
+  model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
                      prompts.PromptConfig(PROMPT))
   tokens = jnp.ones((1, 1), jnp.int32)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]
@@ -36,7 +66,7 @@ def measure(size: str, steps: int) -> dict[str, Any]:
   state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
   replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
   step = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
-  batch = common.random_batch(BATCH, INPUTS, TARGETS)
+  batch = common.random_batch(batch_size, INPUTS, TARGETS)
   start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start
@@ -48,42 +78,54 @@ def measure(size: str, steps: int) -> dict[str, Any]:
   timing = common.time_steps(run, steps, warmup=3, sync=jax.block_until_ready)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
-  # The model's FLOPs: the same step with every attention projecting keys and values (textbook T5),
-  # before the cross-attention reassociation; a fresh jit, so it traces again.
-  with common.textbook_attention():
-    textbook = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
-    model_flops = textbook.lower(holder["state"], frozen, batch).compile().cost_analysis()["flops"]
-  return dict(timing, size=size, compile_s=compile_s, flops=compiled.cost_analysis()["flops"],
-              model_flops=model_flops,
-              examples_per_s=BATCH / timing["step_s"],
-              tokens_per_s=BATCH * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
+  model_flops = textbook_flops(size, batch)
+  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers, compile_s=compile_s,
+              wall_s=time.perf_counter() - begin,
+              flops=compiled.cost_analysis()["flops"], model_flops=model_flops,
+              examples_per_s=batch_size / timing["step_s"],
+              tokens_per_s=batch_size * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
               temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
               peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+
+
+def row(r: dict[str, Any], peak_flops_per_s: float) -> str:
+  """One size's table row; adds its MFU and HFU to `r`."""
+  r["mfu"] = r["model_flops"] / r["step_s"] / peak_flops_per_s
+  r["hfu"] = r["flops"] / r["step_s"] / peak_flops_per_s
+  peak_gib = (r["peak_bytes_in_use"] or 0) / 2**30
+  return (f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
+          f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} {r['hfu']:5.0%} "
+          f"{peak_gib:8.2f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="benchmarks/results/gpu.json")
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--sizes", default="small,base,large")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="nn.scan over each stack's layers (XLA counts a loop body once: HFU reads low)")
   parser.add_argument("--matmul_n", type=int, default=8192, help="side of the square peak matmul")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   peak = common.jax_matmul_peak(n=args.matmul_n, dtype="bfloat16", repeats=20)
-  results = dict(device=str(device.device_kind), matmul_peak=peak,
-                 sizes=[measure(size, args.steps) for size in args.sizes.split(",")])
-  print(f"{device.device_kind}: bfloat16 matmul peak {peak['flops_per_s'] / 1e12:.1f} TFLOP/s")
-  print(f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} {'MFU':>5} "
-        f"{'HFU':>5} {'peak GiB':>8}")
-  for r in results["sizes"]:
-    r["mfu"] = r["model_flops"] / r["step_s"] / peak["flops_per_s"]
-    r["hfu"] = r["flops"] / r["step_s"] / peak["flops_per_s"]
-    peak_gib = (r["peak_bytes_in_use"] or 0) / 2**30
-    print(f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
-          f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} {r['hfu']:5.0%} "
-          f"{peak_gib:8.2f}")
-  common.write_json(args.output, results)
-  return 0
+  results = dict(device=str(device.device_kind), matmul_peak=peak, sizes=[], failed={},
+                 versions=dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__))
+  print(f"{device.device_kind}: bfloat16 matmul peak {peak['flops_per_s'] / 1e12:.1f} TFLOP/s "
+        f"(jax {jax.__version__}, flax {flax.__version__}); batch {args.batch_size}")
+  print(HEADER, flush=True)
+  for size in args.sizes.split(","):
+    try:
+      r = measure(size, args.steps, args.batch_size, args.scan_layers)
+    except Exception:  # pylint: disable=broad-except
+      results["failed"][size] = traceback.format_exc()
+      print(f"{size:<6} failed:\n{results['failed'][size]}", flush=True)
+    else:
+      results["sizes"].append(r)
+      print(row(r, peak["flops_per_s"]), flush=True)
+    common.write_json(args.output, results)
+  return 1 if results["failed"] else 0
 
 
 if __name__ == "__main__":
