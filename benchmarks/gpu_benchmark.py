@@ -4,11 +4,12 @@
 
 Batch 32, inputs 128 + a 100-position prompt, targets 8, random weights, bfloat16 activations and
 frozen weights (the prompt and its Adafactor state stay float32). MFU is the model's FLOPs per step
-(XLA's count of the textbook step, keys and values projected, on the lowered program, so it costs no
-second compile) over the step time, over a bfloat16 matmul peak measured on the same card in the same
-run; HFU counts the FLOPs our compiled step really runs. Each size's row is printed and the JSON
-rewritten as soon as it is measured, and a size that fails records its error and the run goes on.
-Made to finish in well under 8 minutes on an A100/H100.
+(XLA's count of the textbook step, keys and values projected, `textbook_flops`) over the step time,
+over a bfloat16 matmul peak measured on the same card in the same run; HFU counts the FLOPs our
+compiled step runs, as that card's XLA counts them. Each size's row is printed and the JSON rewritten
+as soon as it is measured, and a size that fails records its error and the run goes on. On an H200,
+Small took about half a minute, most of it compiling, and Base's compile ran past two minutes: give
+a GPU run 8 minutes, or fewer sizes.
 """
 import argparse
 import sys
