@@ -9,9 +9,11 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
   - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
-    layers and their compile time at 24 + 24 layers; glibc keeping freed memory (page faults).
+    layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
-neither framework's thread pools disturb the other; every result records the load average.
+neither framework's thread pools disturb the other; every result records the load average. Both sides'
+children start with the glibc huge-page tunable that our command-line tools restart with
+(`prompt_tuning_jax.xla_cpu`), where this machine takes it.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from benchmarks import common
+from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
 TOKENS_PER_EXAMPLE = INPUTS + PROMPT + TARGETS
@@ -216,7 +219,8 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
   its JSON."""
   command = [sys.executable, "-m", "benchmarks.train_benchmark", "--worker", name,
              "--worker_args", json.dumps(kwargs)]
-  child_env = dict(os.environ, **(env or {}))
+  # The process conditions our tools run in (glibc's huge pages), for both sides alike.
+  child_env = dict(xla_cpu.host_huge_pages_environ() or os.environ, **(env or {}))
   if xla_flags is not None:
     child_env["XLA_FLAGS"] = xla_flags
   done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
@@ -231,13 +235,10 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
 # options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`).
 KEEP_REMAT = f"{YNN_OFF} --xla_disable_hlo_passes=cse_barrier_expander"
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
-# glibc keeps the memory it frees (one arena, no mmap, no trimming), so XLA:CPU's temporaries, which
-# it allocates and frees in every step, are not unmapped and page-faulted in again (see README.md).
-KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-                     "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 OPTIONS = {
     "float32": dict(),
-    "glibc keeps freed memory": dict(env=KEEP_FREED_MEMORY),
+    # glibc's default: XLA:CPU's temporaries page-faulted in 4 KiB at a time in every step.
+    "no huge pages": dict(env={"GLIBC_TUNABLES": ""}),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
     "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
                                               frozen_dtype="bfloat16"),

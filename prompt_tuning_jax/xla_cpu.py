@@ -7,10 +7,21 @@ large dots at about half the speed of XLA's own Eigen dots, and the step took 1.
 unless the user's `XLA_FLAGS` already says otherwise. XLA reads its flags once, when JAX first opens
 a backend, so a process that computed with JAX before importing this package keeps its settings.
 GPU and TPU runs ignore the flag.
+
+XLA:CPU also allocates each step's temporaries (2.2 GiB for that step) with malloc and frees them at
+the step's end; glibc hands blocks that large to mmap and munmap, so every step page-faults them in
+again, 4 KiB at a time: 620,000 faults and about 1 s of kernel time a step. glibc 2.35+ can ask the
+kernel for transparent huge pages on those blocks (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): 12,000
+faults, and the step 11% faster at the same peak RSS. glibc reads tunables only at start-up, so when
+one of our command-line tools (`prompt-tuning-*`, `python -m prompt_tuning_jax.<tool>`) imports the
+package on a glibc system whose huge pages are on request (`madvise`, the common default), it runs
+itself again with the tunable added (`rerun_with_huge_pages`). Set
+`PROMPT_TUNING_JAX_HUGE_PAGES=0`, or any `glibc.malloc.hugetlb` tunable, to keep the process as
+started. A library user sets the variable themselves before starting Python.
 """
 import os
 import sys
-from typing import MutableMapping
+from typing import Mapping, MutableMapping, Optional, Sequence
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -35,3 +46,77 @@ def prefer_xla_dots(environ: MutableMapping[str, str] = os.environ) -> bool:
     return False
   environ["XLA_FLAGS"] = f"{flags} {YNN_FUSION_FLAG}=".strip()
   return True
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_OPT_OUT = "PROMPT_TUNING_JAX_HUGE_PAGES"
+THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _glibc_version() -> Optional[tuple[int, int]]:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (AttributeError, ValueError, OSError):
+    return None
+  major, minor = version.split(".")[:2]
+  return (int(major), int(minor)) if name == "glibc" else None
+
+
+def _transparent_huge_pages_mode() -> Optional[str]:
+  """The kernel's THP mode (`always`, `madvise` or `never`), or None where it has none."""
+  try:
+    with open(THP_MODE_PATH) as f:
+      text = f.read()
+  except OSError:
+    return None
+  return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+def is_command_line_tool(argv: Sequence[str]) -> bool:
+  """Whether an interpreter command line (`sys.orig_argv`) runs one of our tools: `-m
+  prompt_tuning_jax.<tool>` or a `prompt-tuning-*` script."""
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "-m" or (arg.startswith("-m") and not arg.startswith("--")):
+      return (next(args, "") if arg == "-m" else arg[2:]).startswith("prompt_tuning_jax.")
+    if arg in ("-X", "-W"):
+      next(args, None)
+    elif arg.startswith("-c") or arg == "-":
+      return False
+    elif not arg.startswith("-"):
+      return os.path.basename(arg).startswith("prompt-tuning-")
+  return False
+
+
+def huge_pages_environ(environ: Mapping[str, str], glibc: Optional[tuple[int, int]],
+                       thp_mode: Optional[str]) -> Optional[dict[str, str]]:
+  """`environ` with glibc's huge-page tunable added, or None when the process should stay as it is:
+  not glibc 2.35+, huge pages not on request, the tunable already chosen, or the user's opt-out."""
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if (glibc is None or glibc < (2, 35) or thp_mode != "madvise"
+      or "glibc.malloc.hugetlb" in tunables or environ.get(HUGE_PAGES_OPT_OUT) == "0"):
+    return None
+  return dict(environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
+
+
+def host_huge_pages_environ(
+    environ: Mapping[str, str] = os.environ) -> Optional[dict[str, str]]:
+  """`huge_pages_environ` for this machine's glibc and kernel."""
+  return huge_pages_environ(environ, _glibc_version(), _transparent_huge_pages_mode())
+
+
+def rerun_with_huge_pages() -> None:
+  """Replaces this process (same interpreter, arguments and PID) by one started with glibc's huge-page
+  tunable, when it is one of our command-line tools and `host_huge_pages_environ` asks for it."""
+  argv = getattr(sys, "orig_argv", [])
+  if not is_command_line_tool(argv) or _backends_started():
+    return
+  environ = host_huge_pages_environ()
+  if environ is None:
+    return
+  print(f"prompt_tuning_jax: restarting with GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (huge pages "
+        f"for XLA:CPU's temporaries; {HUGE_PAGES_OPT_OUT}=0 keeps glibc's default)", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+

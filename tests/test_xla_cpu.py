@@ -1,7 +1,10 @@
-"""Importing the package turns off XLA:CPU's YNNPACK fusions, unless the user chose otherwise."""
+"""Importing the package turns off XLA:CPU's YNNPACK fusions, unless the user chose otherwise; our tools
+restart themselves with glibc's huge-page malloc."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 from prompt_tuning_jax import xla_cpu
 
@@ -49,3 +52,47 @@ def test_prefer_xla_dots_on_an_environment(monkeypatch):
   monkeypatch.setattr(xla_cpu, "_backends_started", lambda: True)
   environ = {}
   assert xla_cpu.prefer_xla_dots(environ) is False and environ == {}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["python", "-m", "prompt_tuning_jax.train", "--gin_file=a.gin"], True),
+    (["python", "-mprompt_tuning_jax.demo"], True),
+    (["python", "-X", "dev", "-u", "-m", "prompt_tuning_jax.eval"], True),
+    (["python", "/venv/bin/prompt-tuning-train", "-mx"], True),
+    (["python", "-m", "pytest", "-m", "prompt_tuning_jax.x"], False),
+    (["python", "-c", "pass", "-m", "prompt_tuning_jax.train"], False),
+    (["python", "script.py", "-m", "prompt_tuning_jax.train"], False),
+    (["python"], False),
+])
+def test_is_command_line_tool(argv, expected):
+  assert xla_cpu.is_command_line_tool(argv) is expected
+
+
+def test_huge_pages_environ():
+  glibc, thp = (2, 36), "madvise"
+  assert xla_cpu.huge_pages_environ({"A": "1"}, glibc, thp) == {
+      "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert xla_cpu.huge_pages_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc, thp) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+  for environ, glibc, thp in [({}, None, thp), ({}, (2, 34), thp), ({}, glibc, "always"),
+                              ({}, glibc, "never"), ({}, glibc, None),
+                              ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, thp),
+                              ({"PROMPT_TUNING_JAX_HUGE_PAGES": "0"}, glibc, thp)]:
+    assert xla_cpu.huge_pages_environ(environ, glibc, thp) is None
+
+
+def _run_tool(**env):
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "PROMPT_TUNING_JAX_HUGE_PAGES")}
+  environ.update(env, PYTHONPATH=str(REPO_ROOT))
+  return subprocess.run([sys.executable, "-m", "prompt_tuning_jax.inspect", "--help"], env=environ,
+                        capture_output=True, text=True, check=True, timeout=300)
+
+
+@pytest.mark.skipif(xla_cpu.host_huge_pages_environ({}) is None,
+                    reason="needs glibc 2.35+ and transparent huge pages in madvise mode")
+def test_a_tool_restarts_once_with_huge_pages_unless_told_not_to():
+  done = _run_tool()
+  assert done.stderr.count("restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
+  assert "usage: prompt-tuning-inspect" in done.stdout  # its arguments came through the restart
+  assert "restarting" not in _run_tool(PROMPT_TUNING_JAX_HUGE_PAGES="0").stderr
