@@ -8,10 +8,11 @@ frozen weights (the prompt and its Adafactor state stay float32). MFU is the mod
 over a bfloat16 matmul peak measured on the same card in the same run; HFU counts the FLOPs our
 compiled step runs, as that card's XLA counts them. Each size's row is printed and the JSON rewritten
 as soon as it is measured, and a size that fails records its error and the run goes on. On an H200,
-Small took about half a minute, most of it compiling, and Base's compile ran past two minutes: give
-a GPU run 8 minutes, or fewer sizes.
+Small took about half a minute, most of it compiling, and Base's init and compile did not finish
+in 100 s: give a GPU run 8 minutes, or fewer sizes.
 """
 import argparse
+import functools
 import sys
 import time
 import traceback
@@ -30,6 +31,24 @@ HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9}
           f"{'HFU':>5} {'peak GiB':>8}")
 
 
+def initial_state(model: network.T5, optimizer) -> tuple[trainer.TrainState, Any]:
+  """The prompt's train state (float32) and the frozen parameters in bfloat16, from the initialiser;
+  under `jax.jit` for arrays, under `jax.eval_shape` for their shapes alone."""
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens, tokens)["params"]
+  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
+  frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
+  return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen
+
+
+def compile_step(model: network.T5, optimizer, state, frozen, devices):
+  """The jitted train step on a one-device mesh of `devices`, everything replicated."""
+  mesh = partitioning.make_mesh((1, 1), devices[:1])
+  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
+  return trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+
+
 def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   """The model's FLOPs per step: the train step of `size` with unscanned layers (XLA counts a loop's
   body once) and every attention projecting keys and values (textbook T5,
@@ -37,18 +56,10 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   abstract shapes: before XLA's passes, so the count does not depend on the card (GPU backends give no
   cost analysis for a lowered program, and their compiled count of our Small step is 0.63x XLA:CPU's)."""
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16), prompts.PromptConfig(PROMPT))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
-  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
-  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
-  frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
   optimizer = optimizers.prompt_tuning_adafactor()
-  state = jax.eval_shape(lambda t: trainer.TrainState.create(t, optimizer, jax.random.PRNGKey(0)),
-                         trainable)
-  mesh = partitioning.make_mesh((1, 1), jax.devices("cpu")[:1])
-  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
+  state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer))
   with common.textbook_attention():
-    step = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+    step = compile_step(model, optimizer, state, frozen, jax.devices("cpu"))
     return step.lower(state, frozen, batch).cost_analysis()["flops"]
 
 
@@ -57,16 +68,9 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   begin = time.perf_counter()
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
                      prompts.PromptConfig(PROMPT))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]
-  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
-  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
-  frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
-  mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
   optimizer = optimizers.prompt_tuning_adafactor()
-  state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
-  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
-  step = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+  state, frozen = jax.jit(functools.partial(initial_state, model, optimizer))()
+  step = compile_step(model, optimizer, state, frozen, jax.devices())
   batch = common.random_batch(batch_size, INPUTS, TARGETS)
   start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
