@@ -54,12 +54,14 @@ THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _glibc_version() -> Optional[tuple[int, int]]:
+  """`(major, minor)` of this process's glibc, or None for another C library or a version it cannot
+  read (then the tools start as they are)."""
   try:
     name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
   except (AttributeError, ValueError, OSError):
     return None
-  major, minor = version.split(".")[:2]
-  return (int(major), int(minor)) if name == "glibc" else None
 
 
 def _transparent_huge_pages_mode() -> Optional[str]:

@@ -96,3 +96,11 @@ def test_a_tool_restarts_once_with_huge_pages_unless_told_not_to():
   assert done.stderr.count("restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
   assert "usage: prompt-tuning-inspect" in done.stdout  # its arguments came through the restart
   assert "restarting" not in _run_tool(PROMPT_TUNING_JAX_HUGE_PAGES="0").stderr
+
+
+@pytest.mark.parametrize("reported, expected", [
+    ("glibc 2.36", (2, 36)), ("glibc 2.35.1", (2, 35)), ("glibc 2", None), ("glibc x.y", None),
+    ("musl 1.2", None), ("", None)])
+def test_glibc_version_reads_or_gives_up(monkeypatch, reported, expected):
+  monkeypatch.setattr(os, "confstr", lambda name: reported)
+  assert xla_cpu._glibc_version() == expected  # pylint: disable=protected-access
