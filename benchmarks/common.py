@@ -29,20 +29,24 @@ def peak_rss_mib() -> float:
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int = 2,
                sync: Callable[[Any], Any] = lambda x: x) -> dict[str, Any]:
-  """Median and all wall times of `steps` calls of `step()` after `warmup` calls, with the load and
-  the page faults per timed call."""
+  """Median and all wall times of `steps` calls of `step()` after `warmup` calls, with the load, and
+  per timed call the page faults and this process's user and system CPU seconds (all threads; the
+  system time is mostly the kernel zeroing freshly faulted pages)."""
   for _ in range(warmup):
     sync(step())
   times = []
   load_before = load()
-  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start = time.perf_counter()
     sync(step())
     times.append(time.perf_counter() - start)
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+  after = resource.getrusage(resource.RUSAGE_SELF)
   return dict(step_s=statistics.median(times), step_times_s=[round(t, 4) for t in times],
-              load_before=load_before, load_after=load(), page_faults_per_step=faults / steps)
+              load_before=load_before, load_after=load(),
+              page_faults_per_step=(after.ru_minflt - before.ru_minflt) / steps,
+              user_cpu_s_per_step=(after.ru_utime - before.ru_utime) / steps,
+              system_cpu_s_per_step=(after.ru_stime - before.ru_stime) / steps)
 
 
 def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> dict[str, Any]:

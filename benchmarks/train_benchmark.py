@@ -9,7 +9,8 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
   - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
-    layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages.
+    layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages,
+    and with huge pages and freed memory kept.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
 neither framework's thread pools disturb the other; every result records the load average. Both sides'
 children start with the glibc huge-page tunable that our command-line tools restart with
@@ -235,10 +236,15 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
 # options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`).
 KEEP_REMAT = f"{YNN_OFF} --xla_disable_hlo_passes=cse_barrier_expander"
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
+KEEP_FREED_MEMORY = ":".join([xla_cpu.HUGE_PAGES_TUNABLE, "glibc.malloc.mmap_max=0",
+                              f"glibc.malloc.trim_threshold={2**40}", "glibc.malloc.arena_max=1"])
 OPTIONS = {
     "float32": dict(),
     # glibc's default: XLA:CPU's temporaries page-faulted in 4 KiB at a time in every step.
     "no huge pages": dict(env={"GLIBC_TUNABLES": ""}),
+    # Huge pages, and glibc keeps what it frees in one arena: no page is zeroed again, but every
+    # thread's malloc takes the same lock.
+    "huge pages, freed memory kept": dict(env={"GLIBC_TUNABLES": KEEP_FREED_MEMORY}),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
     "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
                                               frozen_dtype="bfloat16"),
@@ -299,6 +305,8 @@ def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool
 
 def table(results: dict[str, Any]) -> str:
   s, ours, peft = results["summary"], results["ours_fixed"], results["peft_fixed"]
+  cpu_s = lambda side, kind: statistics.median(
+      pair[side][f"{kind}_cpu_s_per_step"] for pair in results["fixed_pairs"])
   rows = [
       ("fixed: step s, median of the pairs ours | PEFT",
        f"{s['ours_step_s']:.3f} | {s['peft_step_s']:.3f}"),
@@ -310,6 +318,8 @@ def table(results: dict[str, Any]) -> str:
       ("fixed: load before/after ours | PEFT",
        f"{ours['load_before'][0]}/{ours['load_after'][0]} | "
        f"{peft['load_before'][0]}/{peft['load_after'][0]}"),
+      ("fixed: CPU s a step, user | system, median of the pairs, ours | PEFT",
+       " | ".join(f"{cpu_s(side, kind):.2f}" for side in (0, 1) for kind in ("user", "system"))),
       ("ours: compile s", f"{ours['compile_s']:.1f}"),
       ("peak RSS MiB ours | PEFT", f"{ours['peak_rss_mib']:.0f} | {peft['peak_rss_mib']:.0f}"),
       ("ours: frozen weights | optimizer state bytes",
@@ -329,10 +339,10 @@ def table(results: dict[str, Any]) -> str:
        f" = {s['frozen_over_trainable_flops']:.2f}"),
   ]
   for name, option in results.get("options", {}).items():
-    rows.append((f"option {name}: step s | compile s | temp MiB | RSS MiB | faults/step",
+    rows.append((f"option {name}: step s | compile s | temp MiB | RSS MiB | faults, sys s a step",
                  f"{option['step_s']:.3f} | {option['compile_s']:.1f} | "
                  f"{option['temp_bytes'] / 2**20:.0f} | {option['peak_rss_mib']:.0f} | "
-                 f"{option['page_faults_per_step'] / 1e3:.0f}k"))
+                 f"{option['page_faults_per_step'] / 1e3:.0f}k, {option['system_cpu_s_per_step']:.2f}"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
