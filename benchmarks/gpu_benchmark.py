@@ -7,9 +7,10 @@ frozen weights (the prompt and its Adafactor state stay float32). MFU is the mod
 (XLA's count of the textbook step, keys and values projected, `textbook_flops`) over the step time,
 over a bfloat16 matmul peak measured on the same card in the same run; HFU counts the FLOPs our
 compiled step runs, as that card's XLA counts them. Each size's row is printed and the JSON rewritten
-as soon as it is measured, and a size that fails records its error and the run goes on. On an H200,
-Small took about half a minute, most of it compiling, and Base's init and compile did not finish
-in 100 s: give a GPU run 8 minutes, or fewer sizes.
+as soon as it is measured, and a size that fails records its error and the run goes on; each
+stage (init, compile, steps, FLOP count) prints its seconds to stderr as it ends. On an H200, Small
+took about half a minute, most of it compiling, and Base's init and compile did not finish in 100 s:
+give a GPU run 8 minutes, or fewer sizes.
 """
 import argparse
 import functools
@@ -64,28 +65,39 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
 
 
 def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -> dict[str, Any]:
-  """Compile time, median step time, FLOPs and memory of the bfloat16 train step of one size."""
+  """Compile time, median step time, FLOPs and memory of the bfloat16 train step of one size. Each
+  stage's end goes to stderr with its seconds, so a run cut short shows where its time went."""
   begin = time.perf_counter()
+  stage_s = {}
+
+  def done(stage: str, start: float) -> float:
+    stage_s[stage] = time.perf_counter() - start
+    print(f"  {size}: {stage} {stage_s[stage]:.1f} s (size so far {time.perf_counter() - begin:.1f} s)",
+          file=sys.stderr, flush=True)
+    return time.perf_counter()
+
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
                      prompts.PromptConfig(PROMPT))
   optimizer = optimizers.prompt_tuning_adafactor()
-  state, frozen = jax.jit(functools.partial(initial_state, model, optimizer))()
+  state, frozen = jax.block_until_ready(jax.jit(functools.partial(initial_state, model, optimizer))())
+  start = done("init", begin)
   step = compile_step(model, optimizer, state, frozen, jax.devices())
   batch = common.random_batch(batch_size, INPUTS, TARGETS)
-  start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
-  compile_s = time.perf_counter() - start
+  start = done("compile", start)
   holder = {"state": state}
 
   def run():
     holder["state"], metrics = compiled(holder["state"], frozen, batch)
     return metrics
   timing = common.time_steps(run, steps, warmup=3, sync=jax.block_until_ready)
+  start = done(f"{steps} steps after 3 warm-ups", start)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
   model_flops = textbook_flops(size, batch)
-  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers, compile_s=compile_s,
-              wall_s=time.perf_counter() - begin,
+  done("FLOP count on the CPU backend", start)
+  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers,
+              compile_s=stage_s["compile"], stage_s=stage_s, wall_s=time.perf_counter() - begin,
               flops=compiled.cost_analysis()["flops"], model_flops=model_flops,
               examples_per_s=batch_size / timing["step_s"],
               tokens_per_s=batch_size * (INPUTS + PROMPT + TARGETS) / timing["step_s"],
