@@ -297,7 +297,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
   ours_step, peft_step = (statistics.median(
       t for pair in results["fixed_pairs"] for t in pair[side]["step_times_s"]) for side in (0, 1))
   pair_ratios = [p["step_s"] / o["step_s"] for o, p in results["fixed_pairs"]]
+  cpu_s = {f"{name}_{kind}_cpu_s_per_step": statistics.median(
+      pair[side][f"{kind}_cpu_s_per_step"] for pair in results["fixed_pairs"])
+           for side, name in enumerate(("ours", "peft")) for kind in ("user", "system")}
   return dict(
+      cpu_s,
       timed_steps=sum(len(pair[0]["step_times_s"]) for pair in results["fixed_pairs"]),
       fixed_ratio=statistics.median(pair_ratios), fixed_pair_ratios=pair_ratios,
       rte_ratio=results["ours_rte"]["examples_per_s"] / results["peft_rte"]["examples_per_s"],
@@ -311,8 +315,6 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
   s, ours, peft = results["summary"], results["ours_fixed"], results["peft_fixed"]
-  cpu_s = lambda side, kind: statistics.median(
-      pair[side][f"{kind}_cpu_s_per_step"] for pair in results["fixed_pairs"])
   rows = [
       (f"fixed: step s, median of all {s['timed_steps']} timed steps a side, ours | PEFT",
        f"{s['ours_step_s']:.3f} | {s['peft_step_s']:.3f}"),
@@ -325,7 +327,8 @@ def table(results: dict[str, Any]) -> str:
        f"{ours['load_before'][0]}/{ours['load_after'][0]} | "
        f"{peft['load_before'][0]}/{peft['load_after'][0]}"),
       ("fixed: CPU s a step, user | system, median of the pairs, ours | PEFT",
-       " | ".join(f"{cpu_s(side, kind):.2f}" for side in (0, 1) for kind in ("user", "system"))),
+       " | ".join(f"{s[f'{name}_{kind}_cpu_s_per_step']:.2f}" for name in ("ours", "peft")
+                  for kind in ("user", "system"))),
       ("ours: compile s", f"{ours['compile_s']:.1f}"),
       ("peak RSS MiB ours | PEFT", f"{ours['peak_rss_mib']:.0f} | {peft['peak_rss_mib']:.0f}"),
       ("ours: frozen weights | optimizer state bytes",
