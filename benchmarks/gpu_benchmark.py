@@ -20,6 +20,7 @@ import traceback
 from typing import Any, Optional, Sequence
 
 import flax
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,8 +37,7 @@ def initial_state(model: network.T5, optimizer) -> tuple[trainer.TrainState, Any
   """The prompt's train state (float32) and the frozen parameters in bfloat16, from the initialiser;
   under `jax.jit` for arrays, under `jax.eval_shape` for their shapes alone."""
   tokens = jnp.ones((1, 1), jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), tokens, tokens)["params"]
-  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens)["params"])
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
   return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen

@@ -20,11 +20,11 @@ BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
 def ours(steps: int) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import network, prompts, scoring  # pylint: disable=g-import-not-at-top
   model = network.T5(common.t5_config(), prompts.PromptConfig(PROMPT))
   tokens = jnp.ones((1, 1), jnp.int32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]
-  params = jax.tree_util.tree_map(lambda b: b.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
   batch = common.random_batch(BATCH, INPUTS, TARGETS)
   score = jax.jit(lambda p, x, y: scoring.score(model, p, x, y))
   compiled = score.lower(params, batch["encoder_input_tokens"],

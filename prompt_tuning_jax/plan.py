@@ -71,6 +71,7 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import (freezing, network, optimizers, partitioning,  # pylint: disable=g-import-not-at-top
                                  prompts, trainer)
   if device not in DEVICES:
@@ -80,8 +81,7 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
   model = network.T5(model_config, prompts.PromptConfig(prompt_length))
   tokens = jnp.ones((1, 1), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
-  params = jax.tree_util.tree_map(lambda b: b.unbox(), boxed,
-                                  is_leaf=lambda x: hasattr(x, "unbox"))
+  params = nn.unbox(boxed)
   mask = freezing.freeze_mask(params, trainable_patterns or freezing.PROMPT_ONLY)
   trainable, frozen = freezing.split(params, mask)
   trainable_sh, frozen_sh = freezing.split(partitioning.param_shardings(boxed, mesh), mask)
