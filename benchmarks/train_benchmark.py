@@ -6,7 +6,8 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
   - fixed shapes: batch 32, inputs 128 (+ prompt 100), targets 8;
   - real data: SuperGLUE RTE train tokenised with the T5 vocabulary; PEFT pads each random batch to its
     longest example, ours batches within a few length buckets (one compiled shape per bucket);
-  - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run;
+  - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run
+    (the best, at the start and the end) and over a peak measured just before each pair;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
     layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages,
@@ -261,23 +262,34 @@ OPTIONS = {
 }
 
 
+def matmul_peaks() -> dict[str, Any]:
+  """The float32 matmul peak of XLA:CPU's YNNPACK dots (jaxlib's default) and of its Eigen dots (what
+  the package selects, see `prompt_tuning_jax/xla_cpu.py`), each in its own child."""
+  return {"ynn": run_worker("matmul"), "eigen": run_worker("matmul", xla_flags=YNN_OFF)}
+
+
+def _best_flops_per_s(peaks: dict[str, Any]) -> float:
+  return max(run["flops_per_s"] for run in peaks.values())
+
+
 def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool,
             pairs: int) -> dict[str, Any]:
   results: dict[str, Any] = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(),
                                              processor=platform.processor())}
-  # The peak is the best of XLA:CPU's YNNPACK dots (jaxlib's default) and its Eigen dots (what the
-  # package selects, see `prompt_tuning_jax/xla_cpu.py`), measured before and after the steps.
-  peak_runs = [run_worker("matmul"), run_worker("matmul", xla_flags=YNN_OFF)]
-  results["matmul_peak"] = {"ynn": peak_runs[0], "eigen": peak_runs[1]}
+  # The run's peak: the best of both dot backends, measured before and after the steps.
+  results["matmul_peak"] = matmul_peaks()
   # Ours and PEFT alternate `pairs` times: this machine's speed drifts by 10-20% over minutes, so
-  # the fixed-shape ratio is the median of the pairs' ratios, each from neighbouring runs.
-  results["fixed_pairs"] = [
-      (run_worker("ours_fixed", steps=steps), run_worker("peft_fixed", steps=steps))
-      for _ in range(pairs)]
+  # the fixed-shape ratio is the median of the pairs' ratios, each from neighbouring runs. Each pair
+  # also has its own matmul peak, measured just before it, for an MFU from neighbouring runs too.
+  results["fixed_pairs"], results["pair_peaks"] = [], []
+  for _ in range(pairs):
+    results["pair_peaks"].append(matmul_peaks())
+    results["fixed_pairs"].append(
+        (run_worker("ours_fixed", steps=steps), run_worker("peft_fixed", steps=steps)))
   results["ours_fixed"], results["peft_fixed"] = results["fixed_pairs"][0]
   results["ours_rte"] = run_worker("ours_rte", num_examples=rte_examples)
   results["peft_rte"] = run_worker("peft_rte", num_examples=rte_examples)
-  results["matmul_peak_end"] = {"ynn": run_worker("matmul"), "eigen": run_worker("matmul", YNN_OFF)}
+  results["matmul_peak_end"] = matmul_peaks()
   results["flops"] = run_worker("flops")
   if with_options:
     results["options"] = {name: run_worker("ours_fixed", steps=option_steps, **kwargs)
@@ -288,8 +300,7 @@ def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
   """Ratios, throughput and MFU from the measurements in `results`."""
-  peak = max(run["flops_per_s"] for key in ("matmul_peak", "matmul_peak_end")
-             for run in results[key].values())
+  peak = max(_best_flops_per_s(results[key]) for key in ("matmul_peak", "matmul_peak_end"))
   # MFU counts the model's FLOPs (forward and input gradients of textbook T5, the same for both
   # sides); HFU counts the FLOPs our compiled step really executes, fewer after the reassociation.
   model_flops = results["flops"]["model_flops"]
@@ -300,8 +311,19 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
   cpu_s = {f"{name}_{kind}_cpu_s_per_step": statistics.median(
       pair[side][f"{kind}_cpu_s_per_step"] for pair in results["fixed_pairs"])
            for side, name in enumerate(("ours", "peft")) for kind in ("user", "system")}
+  # MFU from neighbouring runs: each pair's median step over the peak measured just before it
+  # (runs from before the pairs had their own peaks have none).
+  pair_mfu = [
+      [model_flops / statistics.median(pair[side]["step_times_s"]) / _best_flops_per_s(peaks)
+       for peaks, pair in zip(results.get("pair_peaks", []), results["fixed_pairs"])]
+      for side in (0, 1)]
+  by_pair = {} if not pair_mfu[0] else dict(
+      pair_peaks_gflops=[_best_flops_per_s(p) / 1e9 for p in results["pair_peaks"]],
+      ours_mfu_by_pair=pair_mfu[0], peft_mfu_by_pair=pair_mfu[1],
+      ours_mfu_pair_median=statistics.median(pair_mfu[0]),
+      peft_mfu_pair_median=statistics.median(pair_mfu[1]))
   return dict(
-      cpu_s,
+      cpu_s, **by_pair,
       timed_steps=sum(len(pair[0]["step_times_s"]) for pair in results["fixed_pairs"]),
       fixed_ratio=statistics.median(pair_ratios), fixed_pair_ratios=pair_ratios,
       rte_ratio=results["ours_rte"]["examples_per_s"] / results["peft_rte"]["examples_per_s"],
@@ -342,6 +364,12 @@ def table(results: dict[str, Any]) -> str:
       ("matmul peak GFLOP/s (f32)", f"{s['matmul_peak_gflops']:.0f}"),
       ("model GFLOP | MFU ours | PEFT",
        f"{results['flops']['model_flops'] / 1e9:.0f} | {s['ours_mfu']:.0%} | {s['peft_mfu']:.0%}"),
+      *([] if "ours_mfu_by_pair" not in s else [
+          ("each pair's own peak GFLOP/s",
+           " ".join(f"{g:.0f}" for g in s["pair_peaks_gflops"])),
+          ("MFU over each pair's own peak: ours per pair | median, PEFT median",
+           f"{' '.join(f'{m:.0%}' for m in s['ours_mfu_by_pair'])} | "
+           f"{s['ours_mfu_pair_median']:.0%}, {s['peft_mfu_pair_median']:.0%}")]),
       ("our step's GFLOP (XLA) | HFU ours", f"{ours['flops'] / 1e9:.0f} | {s['ours_hfu']:.0%}"),
       ("FLOPs frozen / all trainable",
        f"{results['flops']['prompt_only'] / 1e9:.0f} / {results['flops']['all_trainable'] / 1e9:.0f}"
