@@ -1,22 +1,31 @@
-"""Training batches of converted seqio examples: one fixed shape, or a few input-length buckets.
+"""Batches of converted seqio examples: one fixed shape, or a few input-length buckets.
 
 T5X pads every example to TASK_FEATURE_LENGTHS. On data of mixed lengths (RTE's inputs run from 20 to
-over 300 tokens) most of that is padding that the encoder still computes. With `length_buckets`, each
-example goes to the shortest bucket that holds its input tokens and batches form within a bucket,
-so a run compiles one train step per bucket (a bounded set of shapes) and pads little.
+over 300 tokens) most of that is padding that the encoder still computes. With `length_buckets`, a
+training example goes to the shortest bucket that holds its input tokens and batches form within a
+bucket (`batch`), so a run compiles one train step per bucket (a bounded set of shapes) and pads
+little. Evaluation sorts its (finite) examples by input length and cuts each batch to a bucket
+(`batches_by_length`): every example kept, and only the last batch short.
 """
-from typing import Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
+import jax
+import numpy as np
 import tensorflow as tf
 
 
-def check_length_buckets(length_buckets: Sequence[int], input_length: int) -> tuple[int, ...]:
-  """The sorted buckets, with `input_length` as the last; names a bucket that cannot be used."""
+def check_length_buckets(length_buckets: Sequence[int], input_length: int,
+                         name: str = "train.length_buckets") -> tuple[int, ...]:
+  """The sorted buckets, with `input_length` as the last; names a bucket that cannot be used, and
+  buckets on several hosts (each host would pick its own shapes). `name` is the gin setting."""
   bad = [b for b in length_buckets if not isinstance(b, int) or b <= 0 or b > input_length]
   if bad:
-    raise ValueError(f"train.length_buckets={list(length_buckets)}: {bad} not a positive integer up to "
+    raise ValueError(f"{name}={list(length_buckets)}: {bad} not a positive integer up to "
                      f"TASK_FEATURE_LENGTHS['inputs']={input_length}. Give input lengths (before "
                      f"the prompt), e.g. [64, 128, {input_length}].")
+  if length_buckets and jax.process_count() > 1:
+    raise ValueError(f"{name} give each host its own batch shapes; on several hosts leave them "
+                     "empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
   return tuple(sorted(set(length_buckets) | {input_length}))
 
 
@@ -43,3 +52,24 @@ def batch(dataset: tf.data.Dataset, batch_size: int, input_length: int,
       bucket_boundaries=[b + 1 for b in buckets],  # bucket i holds lengths up to buckets[i]
       bucket_batch_sizes=[batch_size] * (len(buckets) + 1), pad_to_bucket_boundary=True,
       drop_remainder=True)
+
+
+def batches_by_length(examples: Iterable[Mapping[str, np.ndarray]], batch_size: int,
+                      length_buckets: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
+  """A finite set of converted examples (an eval split) in batches of up to `batch_size`, sorted by
+  input length: each batch's `encoder_input_tokens` `[rows, length]` cut to `[rows, bucket]`, the
+  shortest of `length_buckets` that holds its longest example (all of `length` if none does).
+
+  Every example comes once, only the last batch is short, and the examples are held in memory.
+  """
+  examples = list(examples)
+  lengths = [int(np.count_nonzero(e["encoder_input_tokens"])) for e in examples]
+  order = np.argsort(lengths, kind="stable")
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    features = {k: np.stack([examples[i][k] for i in chunk]) for k in examples[chunk[0]]}
+    longest = max(lengths[i] for i in chunk)
+    tokens = features["encoder_input_tokens"]
+    width = min((b for b in length_buckets if b >= longest), default=tokens.shape[1])
+    features["encoder_input_tokens"] = tokens[:, :width]
+    yield features

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from prompt_tuning_jax import (checkpoints, evaluation, freezing, partitioning,
+from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, partitioning,
                                prompt_initializers, prompts, train)
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
@@ -54,15 +54,18 @@ def evaluate_prompt(*, mixture_or_task_name: str, task_feature_lengths: Mapping[
                     prompt_length: Optional[int] = None, split: str = "validation",
                     num_examples: Optional[int] = None,
                     decoding_config: evaluation.DecodingConfig = evaluation.DecodingConfig(),
-                    mesh_shape: Sequence[int] = (-1, 1)) -> dict[str, dict[str, Any]]:
+                    mesh_shape: Sequence[int] = (-1, 1),
+                    length_buckets: Sequence[int] = ()) -> dict[str, dict[str, Any]]:
   """Runs the task's metrics for the prompt; returns and writes `{task: {metric: value}}`."""
   train.check_feature_lengths(task_feature_lengths, prompt_length or 0, None)
+  batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"],
+                                "evaluate.length_buckets")
   train.task_vocabulary(mixture_or_task_name)
   model, trainable, frozen = load_prompted_model(model_config, initial_checkpoint_path, prompt_file,
                                                  prompt_combine, prompt_length, mesh_shape)
   evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, split,
                                         log_dir=output_dir, num_examples=num_examples)
-  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
   predictor.trainable = trainable
   results = evaluation.evaluate(evaluator, predictor, step=0)
   if jax.process_index() == 0:

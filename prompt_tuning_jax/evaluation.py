@@ -1,22 +1,25 @@
 """Evaluation through seqio: the task's own postprocessors and metrics over our predictions and scores.
 
 `Predictor` turns a frozen model plus a prompt into seqio's `predict_fn` (decoded tokens) and `score_fn`
-(log-likelihood of the targets). Batches are padded to one fixed size so each function compiles once.
+(log-likelihood of the targets). Batches are padded to one fixed size so each function compiles once,
+or once per length bucket with `length_buckets`: the examples then go sorted by input length
+(`batching.batches_by_length`), and seqio puts the results back in its order by their indices.
 `make_evaluator` builds a `seqio.Evaluator` that writes metrics to TensorBoard and, with predictions,
 to JSON lines under `log_dir`.
 """
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import decoding, freezing, scoring
+from prompt_tuning_jax import batching, decoding, freezing, scoring
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
+_INDEX = "_seqio_index"  # seqio's example index, carried as a feature through the batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +40,41 @@ class DecodingConfig:
       raise ValueError(f"Unknown decoding method {self.method!r}; use one of {DECODING_METHODS}.")
 
 
-def _padded_batches(dataset, batch_size: int) -> Iterator[tuple[np.ndarray, dict, int]]:
+def _pad_rows(features: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Each `[rows, ...]` feature padded with zero rows to `[batch_size, ...]`."""
+  return {k: np.pad(v, [(0, batch_size - len(v))] + [(0, 0)] * (v.ndim - 1))
+          for k, v in features.items()}
+
+
+def _batches(dataset, batch_size: int, length_buckets: Sequence[int]) -> Iterator[dict]:
+  """A finite dataset of model features in batches of up to `batch_size` rows: in order at full
+  width, or sorted by input length and cut to a bucket (`batching.batches_by_length`)."""
+  if not length_buckets:
+    return dataset.batch(batch_size).as_numpy_iterator()
+  return batching.batches_by_length(dataset.as_numpy_iterator(), batch_size, length_buckets)
+
+
+def _padded_batches(dataset, batch_size: int, length_buckets: Sequence[int] = ()
+                    ) -> Iterator[tuple[np.ndarray, dict, int]]:
   """Yields (indices, features padded to `batch_size` rows, real rows) from seqio's (index, features)."""
-  for indices, features in dataset.batch(batch_size).as_numpy_iterator():
-    real = len(indices)
-    pad = lambda x: np.pad(x, [(0, batch_size - real)] + [(0, 0)] * (x.ndim - 1))
-    yield indices, {k: pad(v) for k, v in features.items()}, real
+  rows = dataset.map(lambda index, features: dict(features, **{_INDEX: index}))
+  for features in _batches(rows, batch_size, length_buckets):
+    indices = features.pop(_INDEX)
+    yield indices, _pad_rows(features, batch_size), len(indices)
 
 
 class Predictor:
-  """seqio `predict_fn`/`score_fn` for `model` with frozen params and the current trainable subtree."""
+  """seqio `predict_fn`/`score_fn` for `model` with frozen params and the current trainable subtree.
+
+  With `length_buckets` (input lengths, checked by the caller with `batching.check_length_buckets`)
+  examples go sorted by input length, each batch cut to a bucket: one compiled shape a bucket.
+  """
 
   def __init__(self, model: T5, frozen, batch_size: int,
-               decoding_config: DecodingConfig = DecodingConfig()):
+               decoding_config: DecodingConfig = DecodingConfig(),
+               length_buckets: Sequence[int] = ()):
     self.model, self.frozen, self.batch_size = model, frozen, batch_size
-    self.decoding_config = decoding_config
+    self.decoding_config, self.length_buckets = decoding_config, tuple(length_buckets)
     self.trainable: Any = {}
     self._decoders: dict[int, Callable] = {}
     self._score = jax.jit(lambda t, f, inputs, targets: scoring.score(
@@ -79,7 +102,7 @@ class Predictor:
   def predict_fn(self, dataset) -> list[tuple[int, list[int]]]:
     """seqio's predict_fn: (index, decoded token ids without padding) per example."""
     outputs = []
-    for indices, features, real in _padded_batches(dataset, self.batch_size):
+    for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
       max_length = (self.decoding_config.max_decode_length
                     or features["decoder_target_tokens"].shape[1])
       tokens = np.asarray(self._decoder(max_length)(self.trainable, self.frozen,
@@ -91,7 +114,7 @@ class Predictor:
   def score_fn(self, dataset) -> list[tuple[int, float]]:
     """seqio's score_fn: (index, log-likelihood of the targets) per example."""
     outputs = []
-    for indices, features, real in _padded_batches(dataset, self.batch_size):
+    for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
       scores = np.asarray(self._score(self.trainable, self.frozen, features["encoder_input_tokens"],
                                       features["decoder_target_tokens"]))
       outputs.extend((int(i), float(s)) for i, s in zip(indices, scores[:real]))
@@ -99,16 +122,15 @@ class Predictor:
 
 
 def eval_loss(dataset, eval_step: Callable, trainable, frozen, batch_size: int,
-              features: tuple[str, ...]) -> dict[str, float]:
+              features: tuple[str, ...], length_buckets: Sequence[int] = ()) -> dict[str, float]:
   """Teacher-forced loss and token accuracy over a finite dataset of model features.
 
-  The last batch is padded with rows of zero loss weight, so `eval_step` compiles once.
+  A last short batch is padded with rows of zero loss weight, so `eval_step` compiles once (once a
+  bucket with `length_buckets`, which sort the examples by input length).
   """
   totals = None
-  for batch in dataset.batch(batch_size).as_numpy_iterator():
-    real = len(next(iter(batch.values())))
-    batch = {k: np.pad(v, [(0, batch_size - real)] + [(0, 0)] * (v.ndim - 1))
-             for k, v in batch.items() if k in features}
+  for batch in _batches(dataset, batch_size, length_buckets):
+    batch = _pad_rows({k: v for k, v in batch.items() if k in features}, batch_size)
     metrics = jax.device_get(eval_step(trainable, frozen, batch))
     totals = metrics if totals is None else jax.tree_util.tree_map(np.add, totals, metrics)
   if totals is None:

@@ -11,7 +11,7 @@ import jax
 import seqio
 
 from prompt_tuning_jax import eval as eval_lib
-from prompt_tuning_jax import evaluation, train
+from prompt_tuning_jax import batching, evaluation, train
 from prompt_tuning_jax.config import T5Config
 
 
@@ -21,9 +21,12 @@ def infer(*, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
           prompt_length: Optional[int] = None, split: str = "validation",
           num_examples: Optional[int] = None,
           decoding_config: evaluation.DecodingConfig = evaluation.DecodingConfig(),
-          mesh_shape: Sequence[int] = (-1, 1)) -> str:
+          mesh_shape: Sequence[int] = (-1, 1),
+          length_buckets: Sequence[int] = ()) -> str:
   """Writes predictions for `split`; returns the path of the JSON-lines file."""
   train.check_feature_lengths(task_feature_lengths, prompt_length or 0, None)
+  batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"],
+                                "infer.length_buckets")
   vocabulary = train.task_vocabulary(mixture_or_task_name)
   model, trainable, frozen = eval_lib.load_prompted_model(
       model_config, initial_checkpoint_path, prompt_file, prompt_combine, prompt_length, mesh_shape)
@@ -33,7 +36,7 @@ def infer(*, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
   if num_examples is not None:
     examples = examples.take(num_examples)
   features = seqio.EncDecFeatureConverter(pack=False)(examples, lengths).enumerate()
-  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
   predictor.trainable = trainable
   predictions = dict(predictor.predict_fn(features))
   path = os.path.join(output_dir, f"{mixture_or_task_name}-{split}.jsonl")

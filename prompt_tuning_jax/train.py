@@ -204,7 +204,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   Inf instead of stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
   `train_metrics.jsonl`. `length_buckets` (input lengths before the prompt, e.g.
   `[64, 128, 256]`) batches examples of similar length together, one compiled step per bucket
-  (`batching.batch`; one host only). Everything is checked before anything is written.
+  (`batching.batch`; one host only), and its evaluations sort examples by length into the same
+  buckets. Everything is checked before anything is written.
 
   Returns:
     The summary; `preempted` is True when SIGTERM stopped the run after saving its current step.
@@ -224,11 +225,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
     task_vocabulary(eval_name)
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
-  if length_buckets:
-    batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"])
-    if jax.process_count() > 1:
-      raise ValueError("train.length_buckets give each host its own batch shapes; on several hosts "
-                       "leave them empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
+  batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"])
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
   if initial_checkpoint_path is not None:
@@ -280,7 +277,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   state = jax.device_put(state, state_sh)
   train_step = trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh, loss_config,
                                           num_microbatches)
-  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config)
+  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
   eval_step = trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config)
 
   # ---- Everything checked: from here on MODEL_DIR is written. ----
@@ -354,8 +351,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
         results = evaluation.evaluate(evaluator, predictor, step)
         fault_point("mid_eval", step)
         metrics_log.write(step, evaluation.eval_loss(
-            eval_dataset, eval_step, state.trainable, frozen, per_process, _MODEL_FEATURES),
-            kind="eval")
+            eval_dataset, eval_step, state.trainable, frozen, per_process, _MODEL_FEATURES,
+            length_buckets), kind="eval")
         summary["eval"][step] = results
         for task, task_metrics in results.items():
           metrics_log.write(step, {k: v for k, v in task_metrics.items()

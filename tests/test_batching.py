@@ -52,3 +52,24 @@ def test_buckets_group_examples_by_length_and_pad_to_the_bucket():
 def test_bad_buckets_are_named(buckets):
   with pytest.raises(ValueError, match=r"train.length_buckets=.* up to TASK_FEATURE_LENGTHS"):
     batching.check_length_buckets(buckets, INPUT_LENGTH)
+
+
+def test_eval_batches_sort_by_length_and_cut_each_batch_to_its_bucket():
+  lengths = [3, 9, 16, 5, 2, 12, 4, 10, 1, 7]
+  examples = [dict(e, index=i) for i, e in enumerate(_converted(lengths).as_numpy_iterator())]
+  batches = list(batching.batches_by_length(iter(examples), 3, (4, 8)))
+  # Sorted: 1 2 3 | 4 5 7 | 9 10 12 | 16, in buckets 4, 8, the full 16 (none holds 9) and 16.
+  assert [b["encoder_input_tokens"].shape for b in batches] == [(3, 4), (3, 8), (3, 16), (1, 16)]
+  for b in batches:
+    for row, i in zip(b["encoder_input_tokens"], b["index"]):
+      n = lengths[i]
+      np.testing.assert_array_equal(row[:n], np.arange(2, n + 2))  # each example whole, in place
+      assert not row[n:].any()
+      np.testing.assert_array_equal(b["decoder_target_tokens"][list(b["index"]).index(i)],
+                                    examples[i]["decoder_target_tokens"])
+  assert sorted(i for b in batches for i in b["index"]) == list(range(len(lengths)))
+
+
+def test_bad_eval_buckets_name_their_own_setting():
+  with pytest.raises(ValueError, match=r"^infer.length_buckets=\[32\]"):
+    batching.check_length_buckets([32], INPUT_LENGTH, "infer.length_buckets")

@@ -179,6 +179,18 @@ def test_eval_and_infer_on_the_trained_prompt(full_run):
   assert rows[0]["targets"] in ("entailment", "not_entailment") and "prediction" in rows[0]
 
 
+@pytest.mark.parametrize("main, run_file, output, setting", [
+    (eval_lib.main, "runs/prompt_eval.gin", "EVAL_OUTPUT_DIR", "evaluate.length_buckets"),
+    (infer.main, "runs/prompt_infer.gin", "INFER_OUTPUT_DIR", "infer.length_buckets"),
+], ids=["eval", "infer"])
+def test_eval_and_infer_name_a_length_bucket_longer_than_the_inputs(tmp_path, capsys, main, run_file,
+                                                                     output, setting):
+  argv = flags(run_file, PROMPT_FILE=repr(str(tmp_path / "prompt.npy")),
+               **{output: repr(str(tmp_path / "out")), setting: "[64]"})
+  expect_one_line_error(capsys, main, argv, f"{setting}=[64]: [64] not a positive integer up to")
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("array, message", [
     (np.zeros((3, 8), np.float32), "shape (3, 8)"),
     (np.zeros((3, 4), np.int32), "int32"),
@@ -195,24 +207,32 @@ def test_eval_rejects_a_prompt_file_of_another_model(full_run, tmp_path, capsys,
 
 
 def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
-  """train.length_buckets: batches of RTE's real lengths come in the buckets' shapes, each example whole."""
-  shapes, compile_train_step = [], trainer.compile_train_step
+  """train.length_buckets: batches of RTE's real lengths come in the buckets' shapes, each example
+  whole; the run's eval loss sees its batches cut to the buckets too."""
+  shapes, rows = {"train": [], "eval": []}, {"train": 0, "eval": 0}
 
-  def recording_compile(*args, **kwargs):
-    step = compile_train_step(*args, **kwargs)
+  def recording(kind, compile_step):
+    def recording_compile(*args, **kwargs):
+      step = compile_step(*args, **kwargs)
 
-    def recording_step(state, frozen, batch):
-      shapes.append(batch["encoder_input_tokens"].shape)
-      return step(state, frozen, batch)
-    return recording_step
+      def recording_step(state_or_trainable, frozen, batch):
+        shapes[kind].append(batch["encoder_input_tokens"].shape)
+        rows[kind] += int((np.asarray(batch["decoder_loss_weights"]).sum(1) > 0).sum())
+        return step(state_or_trainable, frozen, batch)
+      return recording_step
+    return recording_compile
 
-  monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
+  monkeypatch.setattr(trainer, "compile_train_step", recording("train", trainer.compile_train_step))
+  monkeypatch.setattr(trainer, "compile_eval_step", recording("eval", trainer.compile_eval_step))
   model_dir = tmp_path / "run"
-  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="8",
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="8", EVAL_PERIOD="8",
                    TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 4}",
-                   **{"train.length_buckets": "[64, 96, 128]"}))
-  assert {s[1] for s in shapes} <= {64, 96, 128, 256} and len({s[1] for s in shapes}) >= 2
-  assert all(s[0] == 4 for s in shapes) and len(shapes) == 8
+                   **{"train.length_buckets": "[64, 96, 128]", "train.eval_num_examples": "8"}))
+  train_shapes = shapes["train"]
+  assert {s[1] for s in train_shapes} <= {64, 96, 128, 256} and len({s[1] for s in train_shapes}) >= 2
+  assert all(s[0] == 4 for s in train_shapes) and len(train_shapes) == 8
+  eval_widths = [s[1] for s in shapes["eval"]]
+  assert set(eval_widths) <= {64, 96, 128, 256} and min(eval_widths) < 256 and rows["eval"] == 8
   with open(model_dir / "run_config.json") as f:
     assert json.load(f)["length_buckets"] == [64, 96, 128]
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape

@@ -202,3 +202,34 @@ def test_eval_loss_pads_the_last_batch_without_counting_it(setup):
   tokens = float(whole["real_tokens"])
   assert result["loss_per_token"] == pytest.approx(float(whole["loss"]) / tokens, rel=1e-5)
   assert result["token_accuracy"] == pytest.approx(float(whole["correct_tokens"]) / tokens)
+
+
+def test_eval_with_length_buckets_equals_eval_on_full_width(setup):
+  """eval_loss, score_fn and predict_fn give the same results when buckets cut the input padding,
+  and the functions see the bucket's width (inputs of 7 real tokens padded to 10, buckets 4 and 8)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import evaluation  # pylint: disable=g-import-not-at-top
+  model, trainable, frozen, _ = setup
+  batch = make_batch(model.config.vocab_size)
+  widths = []
+  jitted = jax.jit(functools.partial(trainer.eval_step, model=model))
+
+  def step(t, f, b):
+    widths.append(b["encoder_input_tokens"].shape[1])
+    return jitted(t, f, b)
+  dataset = tf.data.Dataset.from_tensor_slices(batch)
+  full = evaluation.eval_loss(dataset, step, trainable, frozen, 3, tuple(batch))
+  cut = evaluation.eval_loss(dataset, step, trainable, frozen, 3, tuple(batch), (4, 8))
+  assert widths == [10] * 3 + [8] * 3
+  for k in full:
+    assert cut[k] == pytest.approx(full[k], rel=1e-5)
+  indexed = dataset.enumerate()
+  results = {}
+  for buckets in ((), (4, 8)):
+    predictor = evaluation.Predictor(model, frozen, 3, evaluation.DecodingConfig(max_decode_length=4),
+                                     buckets)
+    predictor.trainable = trainable
+    results[buckets] = (predictor.score_fn(indexed), predictor.predict_fn(indexed))
+  (full_scores, full_tokens), (cut_scores, cut_tokens) = results[()], results[(4, 8)]
+  assert [i for i, _ in cut_scores] == list(range(BATCH)) and cut_tokens == full_tokens
+  np.testing.assert_allclose([s for _, s in cut_scores], [s for _, s in full_scores], rtol=1e-5)
