@@ -2,19 +2,34 @@
 
   PYTHONPATH=. python -m benchmarks.inference_benchmark [--output benchmarks/results/inference.json]
 
-T5 1.1 Small shape (random weights), float32, batch 32, inputs 128 + a 100-position prompt, targets 8;
-ours is `scoring.score` under `jax.jit`, PyTorch is the PEFT prompt-tuning model in `torch.no_grad()`.
-Each side runs in its own child process; every result records the load average.
+T5 1.1 Small shape (random weights), float32, batch 32, a 100-position prompt, targets 8:
+  - fixed shapes, inputs 128: ours is `scoring.score` under `jax.jit`, PyTorch is the PEFT
+    prompt-tuning model in `torch.no_grad()`;
+  - SuperGLUE RTE validation (277 examples, T5 vocabulary) as evaluation scores it: ours through
+    `evaluation.Predictor.score_fn` with inputs padded to TASK_FEATURE_LENGTHS' 512 as T5X pads them,
+    and with length buckets (examples sorted by length, each batch cut to a bucket); PyTorch pads
+    each batch to its longest example.
+Each side runs in its own child process, started with the glibc huge-page tunable our tools restart
+with (`prompt_tuning_jax.xla_cpu`); every result records the load average.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from benchmarks import common
+from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
+RTE_VALIDATION = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue",
+                              "RTE", "val.jsonl")
+EVAL_INPUTS = 512  # TASK_FEATURE_LENGTHS['inputs'] of our RTE eval config
+EVAL_BUCKETS = (64, 96, 128, 192, 256, 320)  # RTE's longest input is 317 tokens
 
 
 def ours(steps: int) -> dict[str, Any]:
@@ -57,29 +72,117 @@ def pytorch(steps: int) -> dict[str, Any]:
               peak_rss_mib=common.peak_rss_mib())
 
 
-WORKERS = {"ours": ours, "pytorch": pytorch}
+def _small_model():
+  """(model, random params) of our T5 1.1 Small shape with the prompt."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import network, prompts  # pylint: disable=g-import-not-at-top
+  model = network.T5(common.t5_config(), prompts.PromptConfig(PROMPT))
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+
+
+def ours_rte(length_buckets: Sequence[int] = ()) -> dict[str, Any]:
+  """`Predictor.score_fn` over RTE validation padded to `EVAL_INPUTS`, as seqio's evaluator hands it
+  over: a first pass (compiling each shape) and a timed second pass."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import evaluation, freezing  # pylint: disable=g-import-not-at-top
+  model, params = _small_model()
+  trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
+  predictor = evaluation.Predictor(model, frozen, BATCH, length_buckets=length_buckets)
+  predictor.trainable = trainable
+  examples = common.rte_examples(RTE_VALIDATION)
+  pad = lambda seq, n: np.array(seq + [0] * (n - len(seq)), np.int32)
+  features = tf.data.Dataset.from_tensor_slices({
+      "encoder_input_tokens": np.stack([pad(x, EVAL_INPUTS) for x, _ in examples]),
+      "decoder_target_tokens": np.stack([pad(t, TARGETS) for _, t in examples])}).enumerate()
+  start = time.perf_counter()
+  predictor.score_fn(features)
+  first_pass_s = time.perf_counter() - start
+  load_before = common.load()
+  start = time.perf_counter()
+  scores = predictor.score_fn(features)
+  seconds = time.perf_counter() - start
+  return dict(examples=len(scores), seconds=seconds, examples_per_s=len(scores) / seconds,
+              first_pass_s=first_pass_s, load_before=load_before, load_after=common.load(),
+              peak_rss_mib=common.peak_rss_mib())
+
+
+def pytorch_rte() -> dict[str, Any]:
+  """The PEFT model scoring RTE validation in batches of `BATCH`, each padded to its longest input
+  and target; timed after one warm-up batch."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = peft.get_peft_model(transformers.T5ForConditionalGeneration(common.hf_t5_config()),
+                              peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                      num_virtual_tokens=PROMPT)).eval()
+  examples = common.rte_examples(RTE_VALIDATION)
+  batches = []
+  for i in range(0, len(examples), BATCH):
+    chunk = examples[i:i + BATCH]
+    width, target_width = max(len(x) for x, _ in chunk), max(len(t) for _, t in chunk)
+    inputs = torch.tensor([x + [0] * (width - len(x)) for x, _ in chunk])
+    labels = torch.tensor([t + [0] * (target_width - len(t)) for _, t in chunk])
+    batches.append((inputs, labels))
+
+  def score(inputs, labels):
+    with torch.no_grad():
+      logits = model(input_ids=inputs, attention_mask=(inputs > 0).long(), labels=labels).logits
+      token_scores = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+      return (token_scores * (labels > 0)).sum(-1)
+  score(*batches[0])
+  load_before = common.load()
+  start = time.perf_counter()
+  for batch in batches:
+    score(*batch)
+  seconds = time.perf_counter() - start
+  return dict(examples=len(examples), seconds=seconds, examples_per_s=len(examples) / seconds,
+              load_before=load_before, load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
+
+
+WORKERS = {"ours": ours, "pytorch": pytorch, "ours_rte": ours_rte, "pytorch_rte": pytorch_rte}
+
+
+def run_worker(name: str, **kwargs) -> dict[str, Any]:
+  """`WORKERS[name](**kwargs)` in a child process with our tools' glibc tunable; its JSON."""
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.inference_benchmark", "--worker", name, "--worker_args",
+       json.dumps(kwargs)], capture_output=True, text=True, check=True,
+      env=xla_cpu.host_huge_pages_environ() or os.environ)
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="benchmarks/results/inference.json")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--no_rte", action="store_true", help="fixed shapes only")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
-    print(json.dumps(WORKERS[args.worker](args.steps)))
+    print(json.dumps(WORKERS[args.worker](**json.loads(args.worker_args))))
     return 0
-  results = {}
-  for name in ("ours", "pytorch"):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.inference_benchmark", "--worker", name,
-                           "--steps", str(args.steps)], capture_output=True, text=True, check=True)
-    results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+  results = {name: run_worker(name, steps=args.steps) for name in ("ours", "pytorch")}
   results["ratio"] = results["ours"]["examples_per_s"] / results["pytorch"]["examples_per_s"]
   for name in ("ours", "pytorch"):
     r = results[name]
     print(f"{name:<8} {r['examples_per_s']:7.2f} examples/s  step {r['step_s']:.3f} s  "
           f"load {r['load_before'][0]}/{r['load_after'][0]}  peak RSS {r['peak_rss_mib']:.0f} MiB")
   print(f"ours / PyTorch: {results['ratio']:.2f}x")
+  if not args.no_rte:
+    rte = results["rte_validation"] = {
+        f"ours, inputs padded to {EVAL_INPUTS}": run_worker("ours_rte"),
+        f"ours, length buckets {list(EVAL_BUCKETS)}": run_worker("ours_rte",
+                                                                 length_buckets=EVAL_BUCKETS),
+        "PyTorch, each batch padded to its longest": run_worker("pytorch_rte")}
+    print("RTE validation, scoring all 277 examples:")
+    for name, r in rte.items():
+      first = f"  first pass (compiling) {r['first_pass_s']:.1f} s" if "first_pass_s" in r else ""
+      print(f"  {name:<50} {r['examples_per_s']:6.2f} examples/s  {r['seconds']:.1f} s{first}")
   common.write_json(args.output, results)
   return 0
 
