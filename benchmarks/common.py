@@ -81,6 +81,17 @@ def t5_config(**overrides):
   return config.t5_config("t5_1_1", "small", **{**SMALL, **overrides})
 
 
+def small_model(prompt_length: int, **overrides):
+  """(our T5 1.1 Small-shaped model with a `prompt_length` prompt, its random params, unboxed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import network, prompts  # pylint: disable=g-import-not-at-top
+  model = network.T5(t5_config(**overrides), prompts.PromptConfig(prompt_length))
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+
+
 def hf_t5_config(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
                  num_encoder_layers=8, num_decoder_layers=8):
   """The same shape as a `transformers.T5Config` (gated GELU, untied logits, no dropout)."""

@@ -34,12 +34,8 @@ EVAL_BUCKETS = (64, 96, 128, 192, 256, 320)  # RTE's longest input is 317 tokens
 
 def ours(steps: int) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from prompt_tuning_jax import network, prompts, scoring  # pylint: disable=g-import-not-at-top
-  model = network.T5(common.t5_config(), prompts.PromptConfig(PROMPT))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+  from prompt_tuning_jax import scoring  # pylint: disable=g-import-not-at-top
+  model, params = common.small_model(PROMPT)
   batch = common.random_batch(BATCH, INPUTS, TARGETS)
   score = jax.jit(lambda p, x, y: scoring.score(model, p, x, y))
   compiled = score.lower(params, batch["encoder_input_tokens"],
@@ -51,14 +47,20 @@ def ours(steps: int) -> dict[str, Any]:
               flops=compiled.cost_analysis()["flops"], peak_rss_mib=common.peak_rss_mib())
 
 
-def pytorch(steps: int) -> dict[str, Any]:
+def _peft_model():
+  """The PEFT prompt-tuning model of the same shape (random weights), in eval mode."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = peft.get_peft_model(transformers.T5ForConditionalGeneration(common.hf_t5_config()),
-                              peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
-                                                      num_virtual_tokens=PROMPT)).eval()
+  return peft.get_peft_model(transformers.T5ForConditionalGeneration(common.hf_t5_config()),
+                             peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                     num_virtual_tokens=PROMPT)).eval()
+
+
+def pytorch(steps: int) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  model = _peft_model()
   batch = common.random_batch(BATCH, INPUTS, TARGETS)
   inputs = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
   labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
@@ -72,23 +74,12 @@ def pytorch(steps: int) -> dict[str, Any]:
               peak_rss_mib=common.peak_rss_mib())
 
 
-def _small_model():
-  """(model, random params) of our T5 1.1 Small shape with the prompt."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from prompt_tuning_jax import network, prompts  # pylint: disable=g-import-not-at-top
-  model = network.T5(common.t5_config(), prompts.PromptConfig(PROMPT))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
-
-
 def ours_rte(length_buckets: Sequence[int] = ()) -> dict[str, Any]:
   """`Predictor.score_fn` over RTE validation padded to `EVAL_INPUTS`, as seqio's evaluator hands it
   over: a first pass (compiling each shape) and a timed second pass."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import evaluation, freezing  # pylint: disable=g-import-not-at-top
-  model, params = _small_model()
+  model, params = common.small_model(PROMPT)
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   predictor = evaluation.Predictor(model, frozen, BATCH, length_buckets=length_buckets)
   predictor.trainable = trainable
@@ -112,13 +103,8 @@ def ours_rte(length_buckets: Sequence[int] = ()) -> dict[str, Any]:
 def pytorch_rte() -> dict[str, Any]:
   """The PEFT model scoring RTE validation in batches of `BATCH`, each padded to its longest input
   and target; timed after one warm-up batch."""
-  import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = peft.get_peft_model(transformers.T5ForConditionalGeneration(common.hf_t5_config()),
-                              peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
-                                                      num_virtual_tokens=PROMPT)).eval()
+  model = _peft_model()
   examples = common.rte_examples(RTE_VALIDATION)
   batches = []
   for i in range(0, len(examples), BATCH):

@@ -48,15 +48,11 @@ def _our_step(config_overrides: dict[str, Any], frozen_dtype: Optional[str] = No
   """(compiled-on-demand step, state, frozen params) for our model on one CPU device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from prompt_tuning_jax import (freezing, network, optimizers, partitioning, prompts,  # pylint: disable=g-import-not-at-top
-                                 trainer)
+  from prompt_tuning_jax import freezing, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
   overrides = dict(config_overrides)
   if "dtype" in overrides:
     overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  model = network.T5(common.t5_config(**overrides), prompts.PromptConfig(PROMPT))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+  model, params = common.small_model(PROMPT, **overrides)
   trainable, frozen = freezing.split(params, freezing.freeze_mask(
       params, trainable_patterns or freezing.PROMPT_ONLY))
   if frozen_dtype:
