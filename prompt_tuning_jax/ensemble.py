@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import checkpoints, decoding, scoring, serving, train
+from prompt_tuning_jax import batching, checkpoints, decoding, scoring, serving, train
 from prompt_tuning_jax import eval as eval_lib
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
@@ -116,8 +116,8 @@ def evaluate_ensemble(*, mixture_or_task_name: str, task_feature_lengths: Mappin
                       initial_checkpoint_path: Optional[str] = None, split: str = "validation",
                       method: str = "vote", class_labels: Optional[Sequence[str]] = None,
                       num_examples: Optional[int] = None, output_dir: Optional[str] = None,
-                      prompt_combine: str = "prefix",
-                      best_metric: Optional[str] = None) -> dict[str, Any]:
+                      prompt_combine: str = "prefix", best_metric: Optional[str] = None,
+                      length_buckets: Sequence[int] = ()) -> dict[str, Any]:
   """Scores K prompts and their ensemble on a task's split; returns (and writes) the table.
 
   Args:
@@ -130,12 +130,16 @@ def evaluate_ensemble(*, mixture_or_task_name: str, task_feature_lengths: Mappin
       `ensemble_predictions.jsonl` (each member's prediction, the ensemble's, and for `rank` each
       member's label log-likelihoods), if given.
     best_metric: the metric that picks the best member; default the task's first.
+    length_buckets: input lengths; the split is sorted by input length and each batch cut to the
+      shortest that holds it (`batching.batches_by_length`), one compiled shape each.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown ensemble method {method!r}; use one of {METHODS}.")
   if not prompt_files:
     raise ValueError("PROMPT_FILES is empty; give the prompt files of the ensemble's members.")
   train.check_feature_lengths(task_feature_lengths, 0, None)
+  batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"],
+                                "evaluate_ensemble.length_buckets")
   vocabulary = train.task_vocabulary(mixture_or_task_name)
   task = seqio.get_mixture_or_task(mixture_or_task_name)
   if not isinstance(task, seqio.Task) or not task.predict_metric_fns:
@@ -165,13 +169,15 @@ def evaluate_ensemble(*, mixture_or_task_name: str, task_feature_lengths: Mappin
   run = jax.jit(lambda frozen, table, inputs, lengths, targets: member_outputs(
       model, serving.with_prompt_bank(frozen, table), inputs, lengths, targets,
       max_decode_length=target_length, eos_id=vocabulary.eos_id))
-  outputs = []
-  for start in range(0, len(examples), batch_size):
-    batch = inputs[start:start + batch_size]
-    padded = np.pad(batch, [(0, batch_size - len(batch)), (0, 0)])
+  outputs, order = [], []
+  rows = ({"encoder_input_tokens": row, "index": i} for i, row in enumerate(inputs))
+  for batch in batching.batches_by_length(rows, batch_size, length_buckets):
+    tokens = batch["encoder_input_tokens"]
+    padded = np.pad(tokens, [(0, batch_size - len(tokens)), (0, 0)])
     outputs.append(np.asarray(run(frozen, table, padded, prompt_lengths, label_targets))
-                   [:, :len(batch)])
-  outputs = np.concatenate(outputs, axis=1)  # [K, examples, ...]
+                   [:, :len(tokens)])
+    order.append(batch["index"])
+  outputs = np.concatenate(outputs, axis=1)[:, np.argsort(np.concatenate(order))]  # [K, examples, ...]
 
   if labels is None:
     member_predictions = [serving.decode_tokens(vocabulary, tokens) for tokens in outputs]

@@ -89,6 +89,32 @@ def test_rank_averages_label_log_likelihoods(data_dir, model_config, prompt_file
   assert table["method"] == "rank" and table["ensemble"]["invalid_prediction_rate"] == 0.0
 
 
+def test_length_buckets_change_the_shapes_and_nothing_else(data_dir, model_config, prompt_files,
+                                                           tmp_path, monkeypatch):
+  """With inputs of 256 and buckets of 64 and 128, the members see cut batches and score the same."""
+  widths, member_outputs = [], ensemble.member_outputs
+
+  def recording(model, params, inputs, *args, **kwargs):
+    widths.append(inputs.shape[1])  # once a compiled shape
+    return member_outputs(model, params, inputs, *args, **kwargs)
+  monkeypatch.setattr(ensemble, "member_outputs", recording)
+  results = {}
+  for buckets in ((), (64, 128)):
+    output_dir = tmp_path / str(len(buckets))
+    table = ensemble.evaluate_ensemble(
+        mixture_or_task_name=TASK, task_feature_lengths={"inputs": 256, "targets": 8}, batch_size=4,
+        model_config=model_config, prompt_files=prompt_files, method="rank",
+        num_examples=NUM_EXAMPLES, output_dir=str(output_dir), length_buckets=buckets)
+    results[buckets] = table, _read_rows(output_dir)
+  assert widths[0] == 256 and min(widths[1:]) < 256
+  (full_table, full_rows), (cut_table, cut_rows) = results[()], results[(64, 128)]
+  assert cut_table == full_table
+  for full, cut in zip(full_rows, cut_rows):
+    assert (cut["index"], cut["members"], cut["ensemble"]) == (full["index"], full["members"],
+                                                               full["ensemble"])
+    np.testing.assert_allclose(cut["member_scores"], full["member_scores"], rtol=1e-5)
+
+
 def test_helpers_and_errors(data_dir, model_config, prompt_files):
   assert ensemble.majority_vote([["a", "b", "c"], ["b", "b", "d"], ["a", "c", "e"]]) == \
       ["a", "b", "c"]
