@@ -43,7 +43,7 @@ YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 # ---- Ours. ----
 
-def _our_step(config_overrides: dict[str, Any], frozen_dtype: Optional[str] = None,
+def our_step(config_overrides: dict[str, Any], frozen_dtype: Optional[str] = None,
               trainable_patterns: Optional[Sequence[str]] = None):
   """(compiled-on-demand step, state, frozen params) for our model on one CPU device."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -69,7 +69,7 @@ def ours_fixed(steps: int, config_overrides: Optional[dict[str, Any]] = None,
                frozen_dtype: Optional[str] = None) -> dict[str, Any]:
   """Our compiled train step on the fixed shapes: compile time, step time, FLOPs, memory."""
   import jax  # pylint: disable=g-import-not-at-top
-  step, state, frozen = _our_step(config_overrides or {}, frozen_dtype)
+  step, state, frozen = our_step(config_overrides or {}, frozen_dtype)
   batch = common.random_batch(BATCH, INPUTS, TARGETS)
   start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
@@ -98,7 +98,7 @@ def ours_rte(num_examples: int) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import batching  # pylint: disable=g-import-not-at-top
-  step, state, frozen = _our_step({})
+  step, state, frozen = our_step({})
   examples = common.rte_examples(RTE_PATH, num_examples)
   pad = lambda seq, n: np.array(seq + [0] * (n - len(seq)), np.int32)
   targets = np.stack([pad(t, TARGETS) for _, t in examples])
