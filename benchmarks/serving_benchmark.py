@@ -5,8 +5,12 @@
 Measured, for rank classification over two labels (`score`) and a short greedy decode (`decode`):
   - a batch mixing 8 tasks' prompts from a bank, versus a batch of one task with the plain
     one-prompt model (and with the bank), all of the same size;
-  - an ensemble of K=5 prompts in one computation, versus 5 separate one-prompt passes.
-Every time is the median of `--repeats` runs of the compiled function after a warm-up run.
+  - an ensemble of K=5 prompts in one computation, versus 5 separate one-prompt passes;
+  - `rte`: `PromptServer.score` over SuperGLUE RTE validation's 277 texts (T5 vocabulary), requests
+    alternating between two tasks' prompts, on the Small shape: every batch padded to 512 inputs,
+    against `length_buckets` (requests sorted by length, each batch cut to a bucket).
+Every time is the median of `--repeats` runs of the compiled function after a warm-up run; the RTE
+rows time one pass after a first pass that compiles.
 """
 import argparse
 import functools
@@ -21,11 +25,15 @@ import jax
 import numpy as np
 
 from prompt_tuning_jax import (checkpoints, config, decoding, ensemble, prompts, scoring, serving,
-                               train)
+                               train, vocabularies)
 from prompt_tuning_jax.network import T5
 
 NUM_TASKS = 8
 ENSEMBLE_SIZE = 5
+RTE_VALIDATION = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue",
+                              "RTE", "val.jsonl")
+RTE_INPUTS = 512  # TASK_FEATURE_LENGTHS['inputs'] of our RTE eval config
+RTE_BUCKETS = (64, 96, 128, 192, 256, 320)  # RTE's longest input is 317 tokens
 
 
 def median_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
@@ -102,12 +110,57 @@ def run_config(name: str, model_config: config.T5Config, batch_size: int, input_
   return rows
 
 
+def rte_requests(batch_size: int, prompt_length: int) -> list[dict]:
+  """`PromptServer.score` over RTE validation, at full width and with length buckets (Small shape)."""
+  with open(RTE_VALIDATION) as f:
+    rows = [json.loads(line) for line in f]
+  texts = [f"rte sentence1: {r['premise']} sentence2: {r['hypothesis']}" for r in rows]
+  requests = [(("rte", "rte_paraphrase")[i % 2], text) for i, text in enumerate(texts)]
+  labels = ("entailment", "not_entailment")
+  model_config = config.t5_config("t5_1_1", "small")
+  frozen = train.load_frozen_params(model_config, None)
+  rng = np.random.RandomState(0)
+  task_prompts = {task: rng.normal(size=(prompt_length, model_config.emb_dim))
+                  for task in ("rte", "rte_paraphrase")}
+  results, reference = [], None
+  for buckets in ((), RTE_BUCKETS):
+    server = serving.PromptServer(model_config, frozen, capacity=2, max_prompt_length=prompt_length,
+                                  vocabulary=vocabularies.t5_vocabulary(), batch_size=batch_size,
+                                  max_input_length=RTE_INPUTS, max_decode_length=8,
+                                  length_buckets=buckets)
+    for task, prompt in task_prompts.items():
+      server.add_prompt(task, prompt)
+    start = time.perf_counter()
+    server.score(requests, labels)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = server.score(requests, labels)
+    seconds = time.perf_counter() - start
+    reference = scores if reference is None else reference
+    results.append(dict(config="small", workload="rte",
+                        setting=(f"{len(buckets)} length buckets" if buckets
+                                 else f"padded to {RTE_INPUTS}"),
+                        length_buckets=list(buckets),
+                        seconds=seconds, first_pass_seconds=first, examples=len(requests),
+                        examples_per_s=len(requests) / seconds,
+                        relative=results[0]["seconds"] / seconds if results else 1.0,
+                        max_abs_score_difference=float(np.max(np.abs(scores - reference)))))
+  return results
+
+
 def format_rows(rows: list[dict]) -> str:
   header = (f"{'config':<7} {'workload':<8} {'setting':<28} {'ms/batch':>10} {'examples/s':>11} "
             f"{'vs baseline':>11}")
   lines = [header, "-" * len(header)]
   lines += [f"{r['config']:<7} {r['workload']:<8} {r['setting']:<28} {1000 * r['seconds']:10.2f} "
             f"{r['examples_per_s']:11.1f} {r['relative']:10.3f}x" for r in rows]
+  rte = [r for r in rows if r["workload"] == "rte"]
+  if rte:
+    lines.append(f"rte: PromptServer.score over RTE validation's {rte[0]['examples']} requests, two "
+                 f"labels; ms/batch is for all of them; buckets {rte[-1]['length_buckets']}; the "
+                 "first pass, compiling, took " + " and ".join(f"{r['first_pass_seconds']:.1f} s"
+                                                               for r in rte)
+                 + f"; scores differ by at most {rte[-1]['max_abs_score_difference']:.2g}")
   return "\n".join(lines)
 
 
@@ -119,12 +172,16 @@ def main():
   parser.add_argument("--input_length", type=int, default=64)
   parser.add_argument("--prompt_length", type=int, default=20)
   parser.add_argument("--decode_length", type=int, default=4)
-  parser.add_argument("--configs", default="tiny,small")
+  parser.add_argument("--configs", default="tiny,small", help="comma-separated; \"\" for none")
+  parser.add_argument("--rte_batch_size", type=int, default=32)
+  parser.add_argument("--no_rte", action="store_true", help="skip serving RTE validation's requests")
   args = parser.parse_args()
   rows = []
-  for size in args.configs.split(","):
+  for size in filter(None, args.configs.split(",")):
     rows += run_config(size, config.t5_config("t5_1_1", size), args.batch_size, args.input_length,
                        args.prompt_length, args.decode_length, args.repeats)
+  if not args.no_rte:
+    rows += rte_requests(args.rte_batch_size, args.prompt_length)
   print(format_rows(rows))
   print("vs baseline: the one-prompt model's time over this setting's (mixed, bank), or 5 separate "
         "passes' time over the ensemble's (ensemble).")

@@ -15,17 +15,19 @@ import tensorflow as tf
 
 
 def check_length_buckets(length_buckets: Sequence[int], input_length: int,
-                         name: str = "train.length_buckets") -> tuple[int, ...]:
+                         name: str = "train.length_buckets",
+                         limit_name: str = "TASK_FEATURE_LENGTHS['inputs']") -> tuple[int, ...]:
   """The sorted buckets, with `input_length` as the last; names a bucket that cannot be used, and
-  buckets on several hosts (each host would pick its own shapes). `name` is the gin setting."""
+  buckets on several hosts (each host would pick its own shapes). `name` is the setting, `limit_name`
+  the one that sets `input_length`."""
   bad = [b for b in length_buckets if not isinstance(b, int) or b <= 0 or b > input_length]
   if bad:
     raise ValueError(f"{name}={list(length_buckets)}: {bad} not a positive integer up to "
-                     f"TASK_FEATURE_LENGTHS['inputs']={input_length}. Give input lengths (before "
+                     f"{limit_name}={input_length}. Give input lengths (before "
                      f"the prompt), e.g. [64, 128, {input_length}].")
   if length_buckets and jax.process_count() > 1:
     raise ValueError(f"{name} give each host its own batch shapes; on several hosts leave them "
-                     "empty (every batch then has TASK_FEATURE_LENGTHS' shape).")
+                     f"empty (every batch then has {limit_name}'s shape).")
   return tuple(sorted(set(length_buckets) | {input_length}))
 
 

@@ -13,7 +13,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from prompt_tuning_jax import checkpoints, prompt_initializers, prompts, serving, vocabularies
+from prompt_tuning_jax import (batching, checkpoints, prompt_initializers, prompts, serving,
+                               vocabularies)
 
 USAGE_EXIT_CODE = 2
 VOCABULARIES = {"t5": vocabularies.t5_vocabulary, "byt5": vocabularies.byt5_vocabulary}
@@ -40,6 +41,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--max_input_length", type=int, default=512)
   parser.add_argument("--max_decode_length", type=int, default=16)
+  parser.add_argument("--length_buckets", default="", metavar="L1,L2,...",
+                      help="input lengths to cut batches to, e.g. 64,128,256 (requests then go "
+                      "sorted by length; one compile per bucket used)")
   parser.add_argument("--prompt_combine", choices=prompts.COMBINATIONS, default="prefix")
   parser.add_argument("--relative_attention_max_distance", type=int, default=None,
                       help="not stored in T5X checkpoints (default 128)")
@@ -57,6 +61,15 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
       raise ValueError(f"{flag} names task {task!r} twice.")
     pairs[task] = rest
   return pairs
+
+
+def _lengths(value: str, flag: str) -> list[int]:
+  """`"64,128"` -> `[64, 128]`; `""` -> `[]`."""
+  try:
+    return [int(part) for part in value.split(",") if part.strip()]
+  except ValueError:
+    raise ValueError(f"{flag} {value!r}: expected comma-separated input lengths, e.g. 64,128,256."
+                     ) from None
 
 
 def read_requests(path: str, tasks: Sequence[str]) -> list[serving.Request]:
@@ -82,6 +95,9 @@ def read_requests(path: str, tasks: Sequence[str]) -> list[serving.Request]:
 
 def serve(args: argparse.Namespace) -> int:
   """Loads the model and prompts once, answers every request, writes the output; returns the count."""
+  length_buckets = _lengths(args.length_buckets, "--length_buckets")
+  batching.check_length_buckets(length_buckets, args.max_input_length, "--length_buckets",
+                                "--max_input_length")  # before the checkpoint is read
   prompt_files = _pairs(args.prompt, "--prompt")
   labels = {task: words.split(",") for task, words in _pairs(args.labels, "--labels").items()}
   unknown = sorted(set(labels) - set(prompt_files))
@@ -98,7 +114,8 @@ def serve(args: argparse.Namespace) -> int:
       max_prompt_length=max(len(p) for p in prompt_arrays.values()),
       vocabulary=VOCABULARIES[args.vocabulary](), batch_size=args.batch_size,
       max_input_length=args.max_input_length, max_decode_length=args.max_decode_length,
-      prompt_combine=args.prompt_combine)
+      prompt_combine=args.prompt_combine,
+      length_buckets=length_buckets)
   for task, prompt in prompt_arrays.items():
     server.add_prompt(task, prompt)
 

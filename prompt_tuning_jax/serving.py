@@ -4,10 +4,13 @@
 `max_prompt_length` positions in a `[capacity, max_prompt_length, embed]` table (shorter prompts are
 padded and masked). Each request names its task; a batch may mix tasks freely. Batches and inputs are
 padded to fixed shapes and the table is an argument of the compiled functions, so adding, replacing or
-removing a prompt never recompiles:
+removing a prompt never recompiles. With `length_buckets` (input lengths, before the prompt) the
+requests go sorted by input length and each batch is cut to the shortest bucket that holds it, as
+evaluation does: one compile per bucket used instead of every batch at `max_input_length`:
 
   server = PromptServer(config, frozen, capacity=8, max_prompt_length=100, vocabulary=vocab,
-                        batch_size=32, max_input_length=512, max_decode_length=8)
+                        batch_size=32, max_input_length=512, max_decode_length=8,
+                        length_buckets=(64, 128, 256))
   server.add_prompt("rte", np.load("rte.npy"))
   server.predict([("rte", "premise: ... hypothesis: ..."), ("sst2", "sentence: ...")])
 """
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import checkpoints, decoding, freezing, prompts, scoring
+from prompt_tuning_jax import batching, checkpoints, decoding, freezing, prompts, scoring
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
 
@@ -77,15 +80,19 @@ def decode_tokens(vocabulary: seqio.Vocabulary, tokens: np.ndarray) -> list[str]
 
 
 class PromptServer:
-  """Serves any mix of tasks from one frozen model and a prompt bank, with one compile per function.
+  """Serves any mix of tasks from one frozen model and a prompt bank, with one compile per function
+  (and per length bucket used).
 
   `traces` counts how often each compiled function ("predict", "score") was traced.
   """
 
   def __init__(self, model_config: T5Config, frozen_params: Mapping[str, Any], capacity: int,
                max_prompt_length: int, vocabulary: seqio.Vocabulary, batch_size: int,
-               max_input_length: int, max_decode_length: int, prompt_combine: str = "prefix"):
-    """`frozen_params`: the plain model's params, nested or flat (`{path: array}`), without a prompt."""
+               max_input_length: int, max_decode_length: int, prompt_combine: str = "prefix",
+               length_buckets: Sequence[int] = ()):
+    """`frozen_params`: the plain model's params, nested or flat (`{path: array}`), without a prompt.
+    `length_buckets`: input lengths up to `max_input_length` to cut batches to (none: every batch
+    at `max_input_length`)."""
     for name, value in (("batch_size", batch_size), ("max_input_length", max_input_length),
                         ("max_decode_length", max_decode_length)):
       if value <= 0:
@@ -98,6 +105,9 @@ class PromptServer:
     self.vocabulary = vocabulary
     self.batch_size, self.max_input_length = batch_size, max_input_length
     self.max_decode_length = max_decode_length
+    self.length_buckets = batching.check_length_buckets(
+        length_buckets, max_input_length, "length_buckets", "max_input_length"
+    ) if length_buckets else ()
     self._frozen = jax.device_put(checkpoints.unflatten(flat))
     self._table = np.zeros((capacity, max_prompt_length, model_config.emb_dim), np.float32)
     self._lengths = np.zeros(capacity, np.int32)
@@ -136,20 +146,20 @@ class PromptServer:
 
   def predict_tokens(self, requests: Sequence[Request]) -> np.ndarray:
     """Greedy-decoded ids `[len(requests), max_decode_length]` (0 after EOS)."""
-    outputs = [np.zeros((0, self.max_decode_length), np.int32)]
-    for real, inputs, ids, lengths in self._batches(requests):
-      tokens = self._predict(self._frozen, self._device_table, inputs, ids, lengths)
-      outputs.append(np.asarray(tokens)[:real])
-    return np.concatenate(outputs)
+    tokens = np.zeros((len(requests), self.max_decode_length), np.int32)
+    for rows, inputs, ids, lengths in self._batches(requests):
+      batch_tokens = self._predict(self._frozen, self._device_table, inputs, ids, lengths)
+      tokens[rows] = np.asarray(batch_tokens)[:len(rows)]
+    return tokens
 
   def score(self, requests: Sequence[Request], labels: Sequence[str]) -> np.ndarray:
     """Log-likelihood of each label given each request: `[len(requests), len(labels)]`."""
     targets = encode_labels(self.vocabulary, labels, self.max_decode_length)
-    outputs = [np.zeros((0, len(labels)), np.float32)]
-    for real, inputs, ids, lengths in self._batches(requests):
-      scores = self._score(self._frozen, self._device_table, inputs, targets, ids, lengths)
-      outputs.append(np.asarray(scores)[:real])
-    return np.concatenate(outputs)
+    scores = np.zeros((len(requests), len(labels)), np.float32)
+    for rows, inputs, ids, lengths in self._batches(requests):
+      batch_scores = self._score(self._frozen, self._device_table, inputs, targets, ids, lengths)
+      scores[rows] = np.asarray(batch_scores)[:len(rows)]
+    return scores
 
   def _predict_batch(self, frozen, table, inputs, prompt_ids, prompt_lengths):
     """`[batch, in_len]` -> `[batch, max_decode_length]` greedy tokens."""
@@ -166,16 +176,19 @@ class PromptServer:
                                  prompt_ids, prompt_lengths)[1]
 
   def _batches(self, requests: Sequence[Request]
-               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (real rows, inputs `[batch_size, max_input_length]`, prompt ids and lengths
-    `[batch_size]`); padding rows are empty inputs on slot 0 with a zero-length prompt."""
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (the batch's request indices, inputs `[batch_size, width]`, prompt ids and lengths
+    `[batch_size]`), the requests sorted by input length (`batching.batches_by_length`); `width` is
+    the shortest of `length_buckets` that holds the batch, else `max_input_length`. Padding rows are
+    empty inputs on slot 0 with a zero-length prompt."""
     slots = np.array([self._slot(task) for task, _ in requests], np.int32)
     tokens = encode_inputs(self.vocabulary, [text for _, text in requests], self.max_input_length)
-    for start in range(0, len(requests), self.batch_size):
-      real = min(self.batch_size, len(requests) - start)
-      pad = lambda x: np.pad(x, [(0, self.batch_size - real)] + [(0, 0)] * (x.ndim - 1))
-      ids = slots[start:start + real]
-      yield real, pad(tokens[start:start + real]), pad(ids), pad(self._lengths[ids])
+    examples = ({"encoder_input_tokens": row, "slot": slot, "index": index}
+                for index, (row, slot) in enumerate(zip(tokens, slots)))
+    for batch in batching.batches_by_length(examples, self.batch_size, self.length_buckets):
+      rows, ids = batch["index"], batch["slot"]
+      pad = lambda x: np.pad(x, [(0, self.batch_size - len(rows))] + [(0, 0)] * (x.ndim - 1))
+      yield rows, pad(batch["encoder_input_tokens"]), pad(ids), pad(self._lengths[ids])
 
   def _check_task(self, task: str) -> str:
     if task not in self._slots:

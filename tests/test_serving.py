@@ -98,6 +98,28 @@ def test_prompt_changes_do_not_retrace(server, task_prompts):
   np.testing.assert_array_equal(before, restored)
 
 
+def test_length_buckets_give_the_same_outputs_with_one_compile_per_bucket(
+    byte_config, byte_params, task_prompts, server):
+  bucketed = serving.PromptServer(byte_config, byte_params, capacity=4, max_prompt_length=4,
+                                  vocabulary=seqio.ByteVocabulary(), batch_size=4,
+                                  max_input_length=INPUT_LENGTH, max_decode_length=DECODE_LENGTH,
+                                  length_buckets=(4, 8))
+  for task, prompt in task_prompts.items():
+    bucketed.add_prompt(task, prompt)
+  # Input lengths with EOS (cut at 12): 11 12 10 2 12 12, then 3 2 4. Sorted into batches of 4:
+  # 2 2 3 4 (bucket 4) | 10 11 12 12 | 12 (both the full 12).
+  requests = REQUESTS + [("rte", "ab"), ("sst2", "a"), ("mrpc", "xyz")]
+  np.testing.assert_array_equal(bucketed.predict_tokens(requests), server.predict_tokens(requests))
+  np.testing.assert_allclose(bucketed.score(requests, LABELS), server.score(requests, LABELS),
+                             atol=1e-5)
+  assert bucketed.length_buckets == (4, 8, INPUT_LENGTH)
+  widths = {len(inputs[0]) for _, inputs, _, _ in bucketed._batches(requests)}  # pylint: disable=protected-access
+  assert widths == {4, INPUT_LENGTH} and dict(bucketed.traces) == {"predict": 2, "score": 2}
+  with pytest.raises(ValueError, match=r"length_buckets=\[4, 13\]: \[13\] .* max_input_length=12"):
+    serving.PromptServer(byte_config, byte_params, 4, 4, seqio.ByteVocabulary(), 4, INPUT_LENGTH,
+                         DECODE_LENGTH, length_buckets=[4, 13])
+
+
 def test_bad_prompts_and_tasks(byte_config, byte_params, task_prompts):
   server = serving.PromptServer(byte_config, byte_params, 2, 4, seqio.ByteVocabulary(), 4,
                                 INPUT_LENGTH, DECODE_LENGTH)
@@ -137,8 +159,14 @@ def test_serve_cli(tmp_path, tiny_checkpoint, capsys):
   assert [(r["task"], r["inputs"]) for r in rows] == [(r["task"], r["inputs"]) for r in requests]
   assert all(isinstance(r["prediction"], str) for r in rows)
   assert list(rows[0]["scores"]) == ["yes", "no"] and "scores" not in rows[1]
-
   assert all(np.isfinite(list(rows[i]["scores"].values())).all() for i in (0, 2))
+  assert serve.main(model_args + [
+      "--requests", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "bucketed.jsonl"),
+      "--labels", "rte=yes,no", "--length_buckets", "4,8"]) == 0
+  bucketed = [json.loads(line) for line in (tmp_path / "bucketed.jsonl").read_text().splitlines()]
+  assert [r["prediction"] for r in bucketed] == [r["prediction"] for r in rows]
+  np.testing.assert_allclose([list(r["scores"].values()) for r in bucketed if "scores" in r],
+                             [list(r["scores"].values()) for r in rows if "scores" in r], atol=1e-5)
 
   (tmp_path / "bad.jsonl").write_text(json.dumps(requests[0]) + "\n"
                                       + json.dumps({"task": "cola", "inputs": "x"}) + "\n")
@@ -147,4 +175,11 @@ def test_serve_cli(tmp_path, tiny_checkpoint, capsys):
                                   str(tmp_path / "bad_out.jsonl")]) == 2
   error = capsys.readouterr().err.strip()
   assert "\n" not in error and "line 2" in error and "'cola'" in error
+  for buckets, message in (("4,x", "--length_buckets '4,x': expected comma-separated"),
+                           ("4,32", "--length_buckets=[4, 32]: [32] not a positive integer up to "
+                                    "--max_input_length=16")):
+    assert serve.main(model_args + ["--requests", str(tmp_path / "in.jsonl"), "--output",
+                                    str(tmp_path / "x.jsonl"), "--length_buckets", buckets]) == 2
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / "x.jsonl").exists()
   assert serve.main(["--checkpoint", tiny_checkpoint]) == 2
