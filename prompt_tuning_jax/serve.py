@@ -63,7 +63,7 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
   return pairs
 
 
-def _lengths(value: str, flag: str) -> list[int]:
+def _input_lengths(value: str, flag: str) -> list[int]:
   """`"64,128"` -> `[64, 128]`; `""` -> `[]`."""
   try:
     return [int(part) for part in value.split(",") if part.strip()]
@@ -95,7 +95,7 @@ def read_requests(path: str, tasks: Sequence[str]) -> list[serving.Request]:
 
 def serve(args: argparse.Namespace) -> int:
   """Loads the model and prompts once, answers every request, writes the output; returns the count."""
-  length_buckets = _lengths(args.length_buckets, "--length_buckets")
+  length_buckets = _input_lengths(args.length_buckets, "--length_buckets")
   batching.check_length_buckets(length_buckets, args.max_input_length, "--length_buckets",
                                 "--max_input_length")  # before the checkpoint is read
   prompt_files = _pairs(args.prompt, "--prompt")

@@ -105,9 +105,8 @@ class PromptServer:
     self.vocabulary = vocabulary
     self.batch_size, self.max_input_length = batch_size, max_input_length
     self.max_decode_length = max_decode_length
-    self.length_buckets = batching.check_length_buckets(
-        length_buckets, max_input_length, "length_buckets", "max_input_length"
-    ) if length_buckets else ()
+    self.length_buckets = batching.check_length_buckets(length_buckets, max_input_length,
+                                                        "length_buckets", "max_input_length")
     self._frozen = jax.device_put(checkpoints.unflatten(flat))
     self._table = np.zeros((capacity, max_prompt_length, model_config.emb_dim), np.float32)
     self._lengths = np.zeros(capacity, np.int32)
@@ -179,8 +178,8 @@ class PromptServer:
                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (the batch's request indices, inputs `[batch_size, width]`, prompt ids and lengths
     `[batch_size]`), the requests sorted by input length (`batching.batches_by_length`); `width` is
-    the shortest of `length_buckets` that holds the batch, else `max_input_length`. Padding rows are
-    empty inputs on slot 0 with a zero-length prompt."""
+    the shortest of `length_buckets` (which end with `max_input_length`) that holds the batch.
+    Padding rows are empty inputs on slot 0 with a zero-length prompt."""
     slots = np.array([self._slot(task) for task, _ in requests], np.int32)
     tokens = encode_inputs(self.vocabulary, [text for _, text in requests], self.max_input_length)
     examples = ({"encoder_input_tokens": row, "slot": slot, "index": index}

@@ -107,7 +107,7 @@ def test_length_buckets_give_the_same_outputs_with_one_compile_per_bucket(
   for task, prompt in task_prompts.items():
     bucketed.add_prompt(task, prompt)
   # Input lengths with EOS (cut at 12): 11 12 10 2 12 12, then 3 2 4. Sorted into batches of 4:
-  # 2 2 3 4 (bucket 4) | 10 11 12 12 | 12 (both the full 12).
+  # 2 2 3 4 in bucket 4, then 10 11 12 12 and 12 at the full 12.
   requests = REQUESTS + [("rte", "ab"), ("sst2", "a"), ("mrpc", "xyz")]
   np.testing.assert_array_equal(bucketed.predict_tokens(requests), server.predict_tokens(requests))
   np.testing.assert_allclose(bucketed.score(requests, LABELS), server.score(requests, LABELS),
