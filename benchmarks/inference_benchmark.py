@@ -8,7 +8,9 @@ T5 1.1 Small shape (random weights), float32, batch 32, a 100-position prompt, t
   - SuperGLUE RTE validation (277 examples, T5 vocabulary) as evaluation scores it: ours through
     `evaluation.Predictor.score_fn` with inputs padded to TASK_FEATURE_LENGTHS' 512 as T5X pads them,
     and with length buckets (examples sorted by length, each batch cut to a bucket); PyTorch pads
-    each batch to its longest example.
+    each batch to its longest example;
+  - greedy decoding of 8 and 32 tokens on the fixed shapes (no early stop): ours is
+    `decoding.greedy_decode` under `jax.jit`, PyTorch is the PEFT model's `generate`.
 Each side runs in its own child process, started with the glibc huge-page tunable our tools restart
 with (`prompt_tuning_jax.xla_cpu`); every result records the load average.
 """
@@ -129,7 +131,40 @@ def pytorch_rte() -> dict[str, Any]:
               load_before=load_before, load_after=common.load(), peak_rss_mib=common.peak_rss_mib())
 
 
-WORKERS = {"ours": ours, "pytorch": pytorch, "ours_rte": ours_rte, "pytorch_rte": pytorch_rte}
+def ours_decode(steps: int, length: int) -> dict[str, Any]:
+  """`length` greedy tokens for each row of the fixed-shape batch (EOS never ends a row)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import decoding  # pylint: disable=g-import-not-at-top
+  model, params = common.small_model(PROMPT)
+  inputs = common.random_batch(BATCH, INPUTS, TARGETS)["encoder_input_tokens"]
+  decode = jax.jit(lambda p, x: decoding.greedy_decode(model, p, x, max_decode_length=length,
+                                                       eos_id=-1)[0])
+  compiled = decode.lower(params, inputs).compile()
+  timing = common.time_steps(lambda: compiled(params, inputs), steps, warmup=1,
+                             sync=jax.block_until_ready)
+  return dict(timing, tokens_per_s=BATCH * length / timing["step_s"],
+              peak_rss_mib=common.peak_rss_mib())
+
+
+def pytorch_decode(steps: int, length: int) -> dict[str, Any]:
+  """The PEFT model's greedy `generate` of exactly `length` tokens for each row."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = _peft_model()
+  inputs = torch.tensor(common.random_batch(BATCH, INPUTS, TARGETS)["encoder_input_tokens"],
+                        dtype=torch.long)
+
+  def generate():
+    with torch.no_grad():
+      return model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                            max_new_tokens=length, min_new_tokens=length, do_sample=False,
+                            num_beams=1)
+  timing = common.time_steps(generate, steps, warmup=1)
+  return dict(timing, tokens_per_s=BATCH * length / timing["step_s"],
+              torch_threads=torch.get_num_threads(), peak_rss_mib=common.peak_rss_mib())
+
+
+WORKERS = {"ours": ours, "pytorch": pytorch, "ours_rte": ours_rte, "pytorch_rte": pytorch_rte,
+           "ours_decode": ours_decode, "pytorch_decode": pytorch_decode}
 
 
 def run_worker(name: str, **kwargs) -> dict[str, Any]:
@@ -145,7 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="benchmarks/results/inference.json")
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--no_rte", action="store_true", help="fixed shapes only")
+  parser.add_argument("--no_rte", action="store_true", help="skip RTE validation")
+  parser.add_argument("--decode_lengths", default="8,32", help="greedy decoding lengths; \"\" for none")
+  parser.add_argument("--decode_steps", type=int, default=3, help="timed decodes after one warm-up")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -169,6 +206,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, r in rte.items():
       first = f"  first pass (compiling) {r['first_pass_s']:.1f} s" if "first_pass_s" in r else ""
       print(f"  {name:<50} {r['examples_per_s']:6.2f} examples/s  {r['seconds']:.1f} s{first}")
+  lengths = [int(n) for n in args.decode_lengths.split(",") if n]
+  if lengths:
+    decode = results["greedy_decoding"] = {
+        str(n): {name: run_worker(f"{name}_decode", steps=args.decode_steps, length=n)
+                 for name in ("ours", "pytorch")} for n in lengths}
+    print(f"Greedy decoding, batch {BATCH}, {INPUTS} input tokens + a {PROMPT}-position prompt:")
+    for n, sides in decode.items():
+      ours_r, torch_r = sides["ours"], sides["pytorch"]
+      print(f"  {n:>3} tokens: ours {ours_r['step_s']:.2f} s ({ours_r['tokens_per_s']:.0f} tokens/s), "
+            f"PyTorch {torch_r['step_s']:.2f} s ({torch_r['tokens_per_s']:.0f} tokens/s), "
+            f"{torch_r['step_s'] / ours_r['step_s']:.2f}x")
   common.write_json(args.output, results)
   return 0
 

@@ -10,13 +10,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from prompt_tuning_jax.network import T5
+from prompt_tuning_jax.network import CROSS_CACHE, T5
 
 NEG_INF = -1e10
 
 
 def _init_cache(model: T5, params, encoded, encoded_mask, max_decode_length: int):
-  """The zero key/value cache for `[batch, max_decode_length]` decoding."""
+  """The cache for `[batch, max_decode_length]` decoding: zero self-attention keys and values, and
+  the encoding's cross-attention keys and values."""
   dummy = jnp.zeros((encoded.shape[0], max_decode_length), jnp.int32)
   _, variables = model.apply({"params": params}, encoded, encoded_mask, dummy, decode=True,
                              max_decode_length=max_decode_length, method=T5.decode, mutable=["cache"])
@@ -108,14 +109,16 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 
 def _gather_beams(tree, indices: jax.Array, batch: int, beams: int):
-  """Picks `indices` `[batch, new_beams]` from every `[batch * beams, ...]` leaf (scalars pass)."""
-  def gather(x):
-    if x.ndim == 0:
+  """Picks `indices` `[batch, new_beams]` from every `[batch * beams, ...]` leaf. Scalars pass, and so
+  do the encoding's cross-attention keys and values (`CROSS_CACHE`): every beam of an example has the
+  same ones, and `indices` pick within an example."""
+  def gather(path, x):
+    if x.ndim == 0 or getattr(path[-1], "key", None) in CROSS_CACHE:
       return x
     x = x.reshape((batch, beams) + x.shape[1:])
     x = jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
     return x.reshape((-1,) + x.shape[2:])
-  return jax.tree_util.tree_map(gather, tree)
+  return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def beam_search(model: T5, params, encoder_input_tokens: jax.Array, *, max_decode_length: int,

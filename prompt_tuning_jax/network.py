@@ -157,12 +157,20 @@ def attends_through_inputs(query_length: int, key_length: int, embed: int, head_
   return q * (k * e + e * d - k * d) < k * e * d
 
 
+# Cache entries of a decoding cross-attention: the encoding's keys and values, the same for every
+# beam of an example (`decoding` does not reorder them).
+CROSS_CACHE = ("cached_cross_key", "cached_cross_value")
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention (no logit scaling: it is folded into the query initialiser).
 
   With `decode=True` it keeps keys and values in the `cache` collection: a first call on the full
   `[batch, max_length]` shape creates the zero cache, each later call takes one position, appends its key
   and value, and attends to the positions written so far (the causal mask is derived from the cache index).
+  Cross-attention (`cross=True`) with `decode=True` projects the encoding's keys and values once, in the
+  call that creates the cache, as `[batch, heads, length, kv]` (`CROSS_CACHE`), and each later call
+  attends to them: the encoding is the same at every step.
 
   Without a cache, and when `attends_through_inputs` says it costs less (cross-attention from a few
   target positions), the same products are associated the other way: logits are
@@ -170,6 +178,7 @@ class MultiHeadAttention(nn.Module):
   and values over the long input are never formed. The parameters and the result are the same.
   """
   config: T5Config
+  cross: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
@@ -204,9 +213,20 @@ class MultiHeadAttention(nn.Module):
       out = jnp.einsum("bqhe,ehd->bqhd", context, value_kernel)
       return output(out.reshape(inputs_q.shape[:2] + (joined,)))
 
-    key = split(dense("key")(inputs_kv))
-    value = split(dense("value")(inputs_kv))
-    if decode:
+    kv_axes = "bkhd"  # keys and values [batch, length, heads, kv]
+    if decode and self.cross:  # the encoding's, projected by the call that creates the cache
+      kv_axes = "bhkd"
+      if self.has_variable("cache", CROSS_CACHE[0]):
+        key, value = (self.get_variable("cache", name) for name in CROSS_CACHE)
+      else:
+        key, value = (constrain(jnp.swapaxes(split(dense(name)(inputs_kv)), 1, 2),
+                                ("batch", "heads", "length", "kv")) for name in ("key", "value"))
+        for name, array in zip(CROSS_CACHE, (key, value)):
+          self.put_variable("cache", name, array)
+    else:
+      key = split(dense("key")(inputs_kv))
+      value = split(dense("value")(inputs_kv))
+    if decode and not self.cross:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
@@ -222,10 +242,11 @@ class MultiHeadAttention(nn.Module):
         bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
         bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
+    logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
     weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
     weights = constrain(weights, ("batch", "heads", "length", None))
-    out = split(jnp.einsum("bhqk,bkhd->bqhd", weights, value)).reshape(inputs_q.shape[:2] + (joined,))
+    out = split(jnp.einsum(f"bhqk,{kv_axes}->bqhd", weights, value)).reshape(
+        inputs_q.shape[:2] + (joined,))
     return output(out)
 
 
@@ -280,8 +301,8 @@ class DecoderLayer(nn.Module):
                                                       decode=decode)
     y = y + drop(z)
     z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_cross_attention_layer_norm")(y)
-    z = MultiHeadAttention(cfg, name="encoder_decoder_attention")(z, encoded, cross_bias,
-                                                                 enable_dropout=enable_dropout)
+    z = MultiHeadAttention(cfg, cross=True, name="encoder_decoder_attention")(
+        z, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode)
     y = y + drop(z)
     z = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
     y = constrain(y + drop(MlpBlock(cfg, name="mlp")(z, enable_dropout)), STREAM_AXES)
