@@ -114,21 +114,29 @@ def random_batch(batch_size: int, input_length: int, target_length: int,
           "decoder_loss_weights": np.ones_like(targets, np.float32)}
 
 
+RTE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue", "RTE")
+RTE_TRAIN, RTE_VALIDATION = (os.path.join(RTE_DIR, name) for name in ("train_full.jsonl", "val.jsonl"))
+RTE_EVAL_INPUTS = 512  # TASK_FEATURE_LENGTHS['inputs'] of our RTE eval config
+# Input lengths (before the prompt) of the compiled shapes for RTE; its longest input is 317 tokens.
+RTE_BUCKETS = (64, 96, 128, 192, 256, 320)
+
+
+def rte_texts(path: str) -> list[tuple[str, str]]:
+  """SuperGLUE RTE `(input text, label)` in T5's text format, in the file's order."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  return [(f"rte sentence1: {row['premise']} sentence2: {row['hypothesis']}",
+           row["label"] if isinstance(row["label"], str)
+           else ("entailment", "not_entailment")[row["label"]]) for row in rows]
+
+
 def rte_examples(path: str, limit: Optional[int] = None,
                  seed: int = 0) -> list[tuple[list[int], list[int]]]:
   """SuperGLUE RTE `(input ids, target ids)` with EOS, T5's text format and vocabulary, shuffled."""
-  import json  # pylint: disable=g-import-not-at-top
   import sentencepiece  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import vocabularies  # pylint: disable=g-import-not-at-top
   spm = sentencepiece.SentencePieceProcessor(model_file=vocabularies.T5_SPM_PATH)
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  examples = []
-  for row in rows:
-    text = f"rte sentence1: {row['premise']} sentence2: {row['hypothesis']}"
-    label = row["label"] if isinstance(row["label"], str) else (
-        "entailment", "not_entailment")[row["label"]]
-    examples.append((spm.encode(text) + [1], spm.encode(label) + [1]))
+  examples = [(spm.encode(text) + [1], spm.encode(label) + [1]) for text, label in rte_texts(path)]
   order = np.random.default_rng(seed).permutation(len(examples))
   return [examples[i] for i in order[:limit]]
 

@@ -28,10 +28,6 @@ from benchmarks import common
 from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
-RTE_VALIDATION = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue",
-                              "RTE", "val.jsonl")
-EVAL_INPUTS = 512  # TASK_FEATURE_LENGTHS['inputs'] of our RTE eval config
-EVAL_BUCKETS = (64, 96, 128, 192, 256, 320)  # RTE's longest input is 317 tokens
 
 
 def ours(steps: int) -> dict[str, Any]:
@@ -77,18 +73,18 @@ def pytorch(steps: int) -> dict[str, Any]:
 
 
 def ours_rte(length_buckets: Sequence[int] = ()) -> dict[str, Any]:
-  """`Predictor.score_fn` over RTE validation padded to `EVAL_INPUTS`, as seqio's evaluator hands it
-  over: a first pass (compiling each shape) and a timed second pass."""
+  """`Predictor.score_fn` over RTE validation padded to `common.RTE_EVAL_INPUTS`, as seqio's evaluator
+  hands it over: a first pass (compiling each shape) and a timed second pass."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import evaluation, freezing  # pylint: disable=g-import-not-at-top
   model, params = common.small_model(PROMPT)
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   predictor = evaluation.Predictor(model, frozen, BATCH, length_buckets=length_buckets)
   predictor.trainable = trainable
-  examples = common.rte_examples(RTE_VALIDATION)
+  examples = common.rte_examples(common.RTE_VALIDATION)
   pad = lambda seq, n: np.array(seq + [0] * (n - len(seq)), np.int32)
   features = tf.data.Dataset.from_tensor_slices({
-      "encoder_input_tokens": np.stack([pad(x, EVAL_INPUTS) for x, _ in examples]),
+      "encoder_input_tokens": np.stack([pad(x, common.RTE_EVAL_INPUTS) for x, _ in examples]),
       "decoder_target_tokens": np.stack([pad(t, TARGETS) for _, t in examples])}).enumerate()
   start = time.perf_counter()
   predictor.score_fn(features)
@@ -107,7 +103,7 @@ def pytorch_rte() -> dict[str, Any]:
   and target; timed after one warm-up batch."""
   import torch  # pylint: disable=g-import-not-at-top
   model = _peft_model()
-  examples = common.rte_examples(RTE_VALIDATION)
+  examples = common.rte_examples(common.RTE_VALIDATION)
   batches = []
   for i in range(0, len(examples), BATCH):
     chunk = examples[i:i + BATCH]
@@ -198,9 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"ours / PyTorch: {results['ratio']:.2f}x")
   if not args.no_rte:
     rte = results["rte_validation"] = {
-        f"ours, inputs padded to {EVAL_INPUTS}": run_worker("ours_rte"),
-        f"ours, length buckets {list(EVAL_BUCKETS)}": run_worker("ours_rte",
-                                                                 length_buckets=EVAL_BUCKETS),
+        f"ours, inputs padded to {common.RTE_EVAL_INPUTS}": run_worker("ours_rte"),
+        f"ours, length buckets {list(common.RTE_BUCKETS)}": run_worker("ours_rte",
+                                                                 length_buckets=common.RTE_BUCKETS),
         "PyTorch, each batch padded to its longest": run_worker("pytorch_rte")}
     print("RTE validation, scoring all 277 examples:")
     for name, r in rte.items():

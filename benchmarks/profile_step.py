@@ -1,6 +1,6 @@
 """Where our train step's wall time goes, op by op, on XLA:CPU.
 
-  PYTHONPATH=. python -m benchmarks.profile_step [--steps 3] [--top 15] [--output benchmarks/results/profile.json]
+  PYTHONPATH=. python -m benchmarks.profile_step [--steps 3] [--top 20] [--output PATH]
 
 Runs the fixed-shape step of `train_benchmark` (T5 1.1 Small shape, batch 32, 128 + 100 inputs, 8
 targets) under the JAX profiler with XLA:CPU's per-thunk trace (`--xla_cpu_enable_xprof_traceme`), in a
@@ -171,7 +171,8 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"{cls:<22} {ms:8.0f} {ms / step:6.0%} {gflop or '':>7} {rate}")
   lines.append("active ops: " + ", ".join(f"{k} {v:.0f} ms ({v / step:.0%})"
                                          for k, v in result["concurrency_ms"].items()))
-  lines.append(f"{'share ms':>8} {'ops':>4} {'GFLOP':>6} {'GFLOP/s':>8}  {'class':<21} source (layers merged)")
+  lines.append(f"{'share ms':>8} {'ops':>4} {'GFLOP':>6} {'GFLOP/s':>8}  {'class':<21} "
+               "source (layers merged)")
   for row in result["top_groups"]:
     rate = f"{row['gflop'] / row['wall_share_ms'] * 1e3:8.1f}" if row["gflop"] else f"{'':>8}"
     gflop = f"{row['gflop']:6.1f}" if row["gflop"] else f"{'':>6}"

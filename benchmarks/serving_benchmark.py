@@ -24,16 +24,13 @@ from typing import Callable
 import jax
 import numpy as np
 
+from benchmarks import common
 from prompt_tuning_jax import (checkpoints, config, decoding, ensemble, prompts, scoring, serving,
                                train, vocabularies)
 from prompt_tuning_jax.network import T5
 
 NUM_TASKS = 8
 ENSEMBLE_SIZE = 5
-RTE_VALIDATION = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue",
-                              "RTE", "val.jsonl")
-RTE_INPUTS = 512  # TASK_FEATURE_LENGTHS['inputs'] of our RTE eval config
-RTE_BUCKETS = (64, 96, 128, 192, 256, 320)  # RTE's longest input is 317 tokens
 
 
 def median_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
@@ -112,10 +109,8 @@ def run_config(name: str, model_config: config.T5Config, batch_size: int, input_
 
 def rte_requests(batch_size: int, prompt_length: int) -> list[dict]:
   """`PromptServer.score` over RTE validation, at full width and with length buckets (Small shape)."""
-  with open(RTE_VALIDATION) as f:
-    rows = [json.loads(line) for line in f]
-  texts = [f"rte sentence1: {r['premise']} sentence2: {r['hypothesis']}" for r in rows]
-  requests = [(("rte", "rte_paraphrase")[i % 2], text) for i, text in enumerate(texts)]
+  requests = [(("rte", "rte_paraphrase")[i % 2], text)
+              for i, (text, _) in enumerate(common.rte_texts(common.RTE_VALIDATION))]
   labels = ("entailment", "not_entailment")
   model_config = config.t5_config("t5_1_1", "small")
   frozen = train.load_frozen_params(model_config, None)
@@ -123,10 +118,10 @@ def rte_requests(batch_size: int, prompt_length: int) -> list[dict]:
   task_prompts = {task: rng.normal(size=(prompt_length, model_config.emb_dim))
                   for task in ("rte", "rte_paraphrase")}
   results, reference = [], None
-  for buckets in ((), RTE_BUCKETS):
+  for buckets in ((), common.RTE_BUCKETS):
     server = serving.PromptServer(model_config, frozen, capacity=2, max_prompt_length=prompt_length,
                                   vocabulary=vocabularies.t5_vocabulary(), batch_size=batch_size,
-                                  max_input_length=RTE_INPUTS, max_decode_length=8,
+                                  max_input_length=common.RTE_EVAL_INPUTS, max_decode_length=8,
                                   length_buckets=buckets)
     for task, prompt in task_prompts.items():
       server.add_prompt(task, prompt)
@@ -139,7 +134,7 @@ def rte_requests(batch_size: int, prompt_length: int) -> list[dict]:
     reference = scores if reference is None else reference
     results.append(dict(config="small", workload="rte",
                         setting=(f"{len(buckets)} length buckets" if buckets
-                                 else f"padded to {RTE_INPUTS}"),
+                                 else f"padded to {common.RTE_EVAL_INPUTS}"),
                         length_buckets=list(buckets),
                         seconds=seconds, first_pass_seconds=first, examples=len(requests),
                         examples_per_s=len(requests) / seconds,

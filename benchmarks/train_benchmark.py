@@ -34,10 +34,6 @@ from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
 TOKENS_PER_EXAMPLE = INPUTS + PROMPT + TARGETS
-RTE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "superglue", "RTE",
-                        "train_full.jsonl")
-# Input lengths (before the prompt) of the compiled shapes for real data; RTE's longest is 317.
-BUCKETS = (64, 96, 128, 192, 256, 320)
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
@@ -99,15 +95,16 @@ def ours_rte(num_examples: int) -> dict[str, Any]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from prompt_tuning_jax import batching  # pylint: disable=g-import-not-at-top
   step, state, frozen = our_step({})
-  examples = common.rte_examples(RTE_PATH, num_examples)
+  examples = common.rte_examples(common.RTE_TRAIN, num_examples)
   pad = lambda seq, n: np.array(seq + [0] * (n - len(seq)), np.int32)
   targets = np.stack([pad(t, TARGETS) for _, t in examples])
   converted = tf.data.Dataset.from_tensor_slices({
-      "encoder_input_tokens": np.stack([pad(x, BUCKETS[-1]) for x, _ in examples]),
+      "encoder_input_tokens": np.stack([pad(x, common.RTE_BUCKETS[-1]) for x, _ in examples]),
       "decoder_target_tokens": targets,
       "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
       "decoder_loss_weights": (targets > 0).astype(np.float32)})
-  batches = list(batching.batch(converted, BATCH, BUCKETS[-1], BUCKETS[:-1]).as_numpy_iterator())
+  buckets = common.RTE_BUCKETS
+  batches = list(batching.batch(converted, BATCH, buckets[-1], buckets[:-1]).as_numpy_iterator())
   compiled, compile_s = {}, 0.0
   for batch in batches:  # compile every shape first: a run compiles each once, then reuses it
     shape = batch["encoder_input_tokens"].shape
@@ -187,7 +184,7 @@ def peft_rte(num_examples: int) -> dict[str, Any]:
   """PEFT over random RTE batches, each padded to its longest input and target (its collator's way)."""
   import torch  # pylint: disable=g-import-not-at-top
   step = _peft_model()
-  examples = common.rte_examples(RTE_PATH, num_examples)
+  examples = common.rte_examples(common.RTE_TRAIN, num_examples)
   batches = []
   for i in range(0, len(examples) - BATCH + 1, BATCH):
     chunk = examples[i:i + BATCH]
