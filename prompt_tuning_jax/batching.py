@@ -56,6 +56,11 @@ def batch(dataset: tf.data.Dataset, batch_size: int, input_length: int,
       drop_remainder=True)
 
 
+def pad_rows(array: np.ndarray, batch_size: int) -> np.ndarray:
+  """`[rows, ...]` padded with zero rows to `[batch_size, ...]` (a short last batch at a fixed shape)."""
+  return np.pad(array, [(0, batch_size - len(array))] + [(0, 0)] * (array.ndim - 1))
+
+
 def batches_by_length(examples: Iterable[Mapping[str, np.ndarray]], batch_size: int,
                       length_buckets: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
   """A finite set of converted examples (an eval split) in batches of up to `batch_size`, sorted by

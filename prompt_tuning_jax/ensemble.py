@@ -173,7 +173,7 @@ def evaluate_ensemble(*, mixture_or_task_name: str, task_feature_lengths: Mappin
   rows = ({"encoder_input_tokens": row, "index": i} for i, row in enumerate(inputs))
   for batch in batching.batches_by_length(rows, batch_size, length_buckets):
     tokens = batch["encoder_input_tokens"]
-    padded = np.pad(tokens, [(0, batch_size - len(tokens)), (0, 0)])
+    padded = batching.pad_rows(tokens, batch_size)
     outputs.append(np.asarray(run(frozen, table, padded, prompt_lengths, label_targets))
                    [:, :len(tokens)])
     order.append(batch["index"])

@@ -42,8 +42,7 @@ class DecodingConfig:
 
 def _pad_rows(features: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
   """Each `[rows, ...]` feature padded with zero rows to `[batch_size, ...]`."""
-  return {k: np.pad(v, [(0, batch_size - len(v))] + [(0, 0)] * (v.ndim - 1))
-          for k, v in features.items()}
+  return {k: batching.pad_rows(v, batch_size) for k, v in features.items()}
 
 
 def _batches(dataset, batch_size: int, length_buckets: Sequence[int]) -> Iterator[dict]:

@@ -186,7 +186,7 @@ class PromptServer:
                 for index, (row, slot) in enumerate(zip(tokens, slots)))
     for batch in batching.batches_by_length(examples, self.batch_size, self.length_buckets):
       rows, ids = batch["index"], batch["slot"]
-      pad = lambda x: np.pad(x, [(0, self.batch_size - len(rows))] + [(0, 0)] * (x.ndim - 1))
+      pad = lambda x: batching.pad_rows(x, self.batch_size)
       yield rows, pad(batch["encoder_input_tokens"]), pad(ids), pad(self._lengths[ids])
 
   def _check_task(self, task: str) -> str:
