@@ -5,12 +5,14 @@
 Batch 32, inputs 128 + a 100-position prompt, targets 8, random weights, bfloat16 activations and
 frozen weights (the prompt and its Adafactor state stay float32). MFU is the model's FLOPs per step
 (XLA's count of the textbook step, keys and values projected, `textbook_flops`) over the step time,
-over a bfloat16 matmul peak measured on the same card in the same run; HFU counts the FLOPs our
-compiled step runs, as that card's XLA counts them. Each size's row is printed and the JSON rewritten
-as soon as it is measured, and a size that fails records its error and the run goes on; each
-stage (init, compile, steps, FLOP count) prints its seconds to stderr as it ends. On an H200, Small
-took about half a minute, most of it compiling, and Base's init and compile did not finish in 100 s:
-give a GPU run 8 minutes, or fewer sizes.
+over a bfloat16 matmul peak measured on the same card in the same run. The JSON's `flops` is the
+compiled step's count by the card's XLA, which leaves out the GEMMs it hands to cuBLAS (10-56% of
+the textbook count on an H200), so no HFU is printed. "step GiB" is the compiled step's arguments and
+temporaries (XLA's memory analysis); the JSON's `peak_bytes_in_use` is the process's peak so far, over
+every size measured before. Each size's row is printed and the JSON rewritten as soon as it is
+measured, and a size that fails records its error and the run goes on; each stage (init, compile,
+steps, FLOP count) prints its seconds to stderr as it ends. On an H200 the three sizes took under two
+minutes, most of it compiling (20-31 s a size) and the process's start.
 """
 import argparse
 import functools
@@ -30,14 +32,35 @@ from prompt_tuning_jax import config, freezing, network, optimizers, partitionin
 
 INPUTS, PROMPT, TARGETS = 128, 100, 8
 HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} {'MFU':>5} "
-          f"{'HFU':>5} {'peak GiB':>8}")
+          f"{'step GiB':>8}")
 
 
-def initial_state(model: network.T5, optimizer) -> tuple[trainer.TrainState, Any]:
-  """The prompt's train state (float32) and the frozen parameters in bfloat16, from the initialiser;
-  under `jax.jit` for arrays, under `jax.eval_shape` for their shapes alone."""
+def abstract_params(model: network.T5) -> Any:
+  """The model's parameter shapes and dtypes, from tracing its initialiser: nothing compiled or allocated."""
   tokens = jnp.ones((1, 1), jnp.int32)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens)["params"])
+  return nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_array(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """Ones for a vector (a norm's scale); else normal values over sqrt(shape[0]) (the fan-in)."""
+  if len(shape) == 1:
+    return jnp.ones(shape, dtype)
+  return (jax.random.normal(key, shape) * shape[0] ** -0.5).astype(dtype)
+
+
+def random_params(shapes: Any, seed: int = 0) -> Any:
+  """Random arrays of the tree `shapes` (`abstract_params`), one small program per distinct shape.
+  The benchmark's weights only need to be numbers; the model's own initialiser jitted whole is one
+  random-number program per weight, and XLA:GPU did not finish compiling it for unrolled Base in 6
+  minutes on an H200 (the scanned Large's, 8 weights in a loop body, took 6 s)."""
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([_random_array(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def initial_state(model: network.T5, optimizer, params: Any) -> tuple[trainer.TrainState, Any]:
+  """The prompt's train state (float32) and the frozen parameters in bfloat16."""
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
   return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen
@@ -58,7 +81,7 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   cost analysis for a lowered program, and their compiled count of our Small step is 0.63x XLA:CPU's)."""
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16), prompts.PromptConfig(PROMPT))
   optimizer = optimizers.prompt_tuning_adafactor()
-  state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer))
+  state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer), abstract_params(model))
   with common.textbook_attention():
     step = compile_step(model, optimizer, state, frozen, jax.devices("cpu"))
     return step.lower(state, frozen, batch).cost_analysis()["flops"]
@@ -79,7 +102,8 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
                      prompts.PromptConfig(PROMPT))
   optimizer = optimizers.prompt_tuning_adafactor()
-  state, frozen = jax.block_until_ready(jax.jit(functools.partial(initial_state, model, optimizer))())
+  params = random_params(abstract_params(model))
+  state, frozen = jax.block_until_ready(initial_state(model, optimizer, params))
   start = done("init", begin)
   step = compile_step(model, optimizer, state, frozen, jax.devices())
   batch = common.random_batch(batch_size, INPUTS, TARGETS)
@@ -106,13 +130,12 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
 
 
 def row(r: dict[str, Any], peak_flops_per_s: float) -> str:
-  """One size's table row; adds its MFU and HFU to `r`."""
+  """One size's table row; adds its MFU to `r`."""
   r["mfu"] = r["model_flops"] / r["step_s"] / peak_flops_per_s
-  r["hfu"] = r["flops"] / r["step_s"] / peak_flops_per_s
-  peak_gib = (r["peak_bytes_in_use"] or 0) / 2**30
+  step_gib = (r["argument_bytes"] + r["temp_bytes"]) / 2**30
   return (f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
-          f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} {r['hfu']:5.0%} "
-          f"{peak_gib:8.2f}")
+          f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} "
+          f"{step_gib:8.2f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -122,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--sizes", default="small,base,large")
   parser.add_argument("--scan_layers", action="store_true",
-                      help="nn.scan over each stack's layers (XLA counts a loop body once: HFU reads low)")
+                      help="nn.scan over each stack's layers")
   parser.add_argument("--matmul_n", type=int, default=8192, help="side of the square peak matmul")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
