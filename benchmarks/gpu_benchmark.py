@@ -22,45 +22,24 @@ import traceback
 from typing import Any, Optional, Sequence
 
 import flax
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from benchmarks import common
-from prompt_tuning_jax import config, freezing, network, optimizers, partitioning, prompts, trainer
+from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizers, partitioning, prompts,
+                               trainer)
 
 INPUTS, PROMPT, TARGETS = 128, 100, 8
 HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} {'MFU':>5} "
           f"{'step GiB':>8}")
 
 
-def abstract_params(model: network.T5) -> Any:
-  """The model's parameter shapes and dtypes, from tracing its initialiser: nothing compiled or allocated."""
-  tokens = jnp.ones((1, 1), jnp.int32)
-  return nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"])
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _random_array(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """Ones for a vector (a norm's scale); else normal values over sqrt(shape[0]) (the fan-in)."""
-  if len(shape) == 1:
-    return jnp.ones(shape, dtype)
-  return (jax.random.normal(key, shape) * shape[0] ** -0.5).astype(dtype)
-
-
-def random_params(shapes: Any, seed: int = 0) -> Any:
-  """Random arrays of the tree `shapes` (`abstract_params`), one small program per distinct shape.
-  The benchmark's weights only need to be numbers; the model's own initialiser jitted whole is one
-  random-number program per weight, and XLA:GPU did not finish compiling it for unrolled Base in 6
-  minutes on an H200 (the scanned Large's, 8 weights in a loop body, took 6 s)."""
-  leaves, treedef = jax.tree_util.tree_flatten(shapes)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([_random_array(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def initial_state(model: network.T5, optimizer, params: Any) -> tuple[trainer.TrainState, Any]:
-  """The prompt's train state (float32) and the frozen parameters in bfloat16."""
+def initial_state(model: network.T5, optimizer, frozen: dict[str, Any]) -> tuple[trainer.TrainState, Any]:
+  """The prompt's train state (float32, a normal `[prompt, embed]` prompt) and the frozen params, flat
+  `{path: array}` in `model`'s layout, as a tree in bfloat16."""
+  prompt = jax.random.normal(jax.random.PRNGKey(1), (PROMPT, model.config.emb_dim))
+  params = checkpoints.unflatten({**frozen, checkpoints.PROMPT_PATH: prompt})
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
   return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen
@@ -81,7 +60,9 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   cost analysis for a lowered program, and their compiled count of our Small step is 0.63x XLA:CPU's)."""
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16), prompts.PromptConfig(PROMPT))
   optimizer = optimizers.prompt_tuning_adafactor()
-  state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer), abstract_params(model))
+  shapes = {name: jax.ShapeDtypeStruct(shape, jnp.float32)
+            for name, shape in checkpoints.param_shapes(model.config).items()}
+  state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer), shapes)
   with common.textbook_attention():
     step = compile_step(model, optimizer, state, frozen, jax.devices("cpu"))
     return step.lower(state, frozen, batch).cost_analysis()["flops"]
@@ -102,7 +83,8 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
                      prompts.PromptConfig(PROMPT))
   optimizer = optimizers.prompt_tuning_adafactor()
-  params = random_params(abstract_params(model))
+  params = checkpoints.stack_layers(checkpoints.init_params(model.config, jax.random.PRNGKey(0)),
+                                    model.config)
   state, frozen = jax.block_until_ready(initial_state(model, optimizer, params))
   start = done("init", begin)
   step = compile_step(model, optimizer, state, frozen, jax.devices())

@@ -170,6 +170,10 @@ def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpo
           "config.json) these shapes come from.")
 
 
+_LAYER = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")
+_STACKED_LAYERS = re.compile(r"^(encoder|decoder)/layers/(.+)$")
+
+
 def stack_layers(flat: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
   """Flat params in the checkpoint layout -> the layout of `network.T5(config)`.
 
@@ -178,10 +182,9 @@ def stack_layers(flat: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
   """
   if not config.scan_layers:
     return dict(flat)
-  layer = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")
   stacked, grouped = {}, {}
   for name, value in flat.items():
-    match = layer.match(name)
+    match = _LAYER.match(name)
     if match:
       stack, index, rest = match.groups()
       grouped.setdefault(f"{stack}/layers/{rest}", {})[int(index)] = value
@@ -190,6 +193,42 @@ def stack_layers(flat: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
   for name, by_index in grouped.items():
     stacked[name] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
   return stacked
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`: each `{stack}/layers/{rest}` `[num_layers, ...]` becomes
+  `{stack}/layers_{i}/{rest}`; other params are kept as they are."""
+  unstacked = {}
+  for name, value in flat.items():
+    match = _STACKED_LAYERS.match(name)
+    if match:
+      stack, rest = match.groups()
+      unstacked.update({f"{stack}/layers_{i}/{rest}": value[i] for i in range(value.shape[0])})
+    else:
+      unstacked[name] = value
+  return unstacked
+
+
+def init_params(config: T5Config, rng: jax.Array,
+                paths: Optional[Sequence[str]] = None) -> dict[str, jax.Array]:
+  """Flat params of `network.T5(config)` from its initialisers, in the checkpoint layout (one
+  `layers_{i}` per layer), or only those of `paths` (the others are neither computed nor held).
+
+  The same for `config.scan_layers` on or off: the initialiser always runs on the scanned model, one
+  layer body in a loop. Jitted whole, the unrolled model's initialiser is one random-number program
+  per weight: XLA:CPU compiled Base's in 15.9 s against 1.6 s scanned, and XLA:GPU had not finished
+  it after 6 minutes on an H200.
+  """
+  model = network.T5(config.replace(scan_layers=True))
+  wanted = None if paths is None else {_LAYER.sub(r"\1/layers/\3", path) for path in paths}
+
+  def init(key: jax.Array) -> dict[str, jax.Array]:
+    tokens = jnp.ones((1, 1), jnp.int32)
+    flat = flatten(nn.unbox(model.init(key, tokens, tokens))["params"])
+    return flat if wanted is None else {name: flat[name] for name in wanted}
+
+  flat = unstack_layers(jax.jit(init)(rng))
+  return flat if paths is None else {path: flat[path] for path in paths}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,7 +19,6 @@ import time
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,12 +152,8 @@ def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional
   random (demos and tests). The layout is `T5(model_config)`'s (layers stacked for `scan_layers`).
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  tokens = jnp.ones((1, 1), jnp.int32)
-  unscanned = model_config.replace(scan_layers=False)
-  scratch = lambda: checkpoints.flatten(nn.unbox(jax.jit(T5(unscanned).init)(
-      rng, tokens, tokens))["params"])
   if initial_checkpoint_path is None:
-    return checkpoints.stack_layers(scratch(), model_config)
+    return checkpoints.stack_layers(checkpoints.init_params(model_config, rng), model_config)
   check_initial_checkpoint(initial_checkpoint_path)
   if not assignment_map:  # load_checkpoint stacks the layers itself
     return checkpoints.flatten(
@@ -168,8 +163,7 @@ def load_frozen_params(model_config: T5Config, initial_checkpoint_path: Optional
       checkpoints.flatten(raw), checkpoints.param_shapes(model_config), assignment_map)
   if missing:
     logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
-    fresh = scratch()
-    loaded.update({path: fresh[path] for path in missing})
+    loaded.update(checkpoints.init_params(model_config, rng, missing))
   return checkpoints.stack_layers(loaded, model_config)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import checkpoints, optimizers, run_checkpoints, trainer
+from prompt_tuning_jax import checkpoints, optimizers, run_checkpoints, train, trainer
 from prompt_tuning_jax.checkpoints import CheckpointError
 
 PROMPT_FILE = "encoder.prompt.prompt.prompt"
@@ -205,6 +205,47 @@ def test_assignment_map_on_the_real_t5x_checkpoint():
     checkpoints.apply_assignment_map(params, targets, [(r"decoder/.*", None)])
   _, missing = checkpoints.apply_assignment_map(params, targets, [], fallback_to_scratch=True)
   assert missing == [checkpoints.PROMPT_PATH]
+
+
+@pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
+def test_load_frozen_params_starts_skipped_params_from_scratch():
+  """Through `train.load_frozen_params`: the skipped decoder is `init_params`'s, the rest the checkpoint's."""
+  config, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
+  rng = jax.random.PRNGKey(3)
+  loaded = train.load_frozen_params(config, str(T5X_CHECKPOINT), [(r"decoder/.*", None)], rng)
+  assert sorted(loaded) == sorted(checkpoints.param_shapes(config))
+  fresh = checkpoints.init_params(config, rng)
+  for name, array in loaded.items():
+    source = fresh if name.startswith("decoder/") else checkpoints.flatten(params)
+    np.testing.assert_array_equal(np.asarray(array), np.asarray(source[name]), err_msg=name)
+
+
+def test_init_params_one_layout_for_scanned_and_unrolled_and_any_subset(tiny_config):
+  rng = jax.random.PRNGKey(0)
+  full = checkpoints.init_params(tiny_config, rng)
+  assert {name: x.shape for name, x in full.items()} == checkpoints.param_shapes(tiny_config)
+  scanned = checkpoints.init_params(tiny_config.replace(scan_layers=True), rng)
+  subset = ["encoder/layers_1/mlp/wo/kernel", "decoder/decoder_norm/scale", "token_embedder/embedding"]
+  some = checkpoints.init_params(tiny_config, rng, subset)
+  assert sorted(some) == sorted(subset)
+  for name in full:
+    np.testing.assert_array_equal(scanned[name], full[name], err_msg=name)
+    if name in some:
+      np.testing.assert_array_equal(some[name], full[name], err_msg=name)
+  name = "encoder/layers_{}/attention/query/kernel"
+  assert not np.allclose(full[name.format(0)], full[name.format(1)])  # each layer its own draw
+  assert 0.5 < np.std(full["token_embedder/embedding"]) < 2  # T5X's embedding init: stddev 1
+
+
+def test_unstack_layers_inverts_stack_layers(tiny_config):
+  flat = checkpoints.init_params(tiny_config, jax.random.PRNGKey(0))
+  stacked = checkpoints.stack_layers(flat, tiny_config.replace(scan_layers=True))
+  assert stacked["encoder/layers/mlp/wo/kernel"].shape == (
+      tiny_config.num_encoder_layers, tiny_config.mlp_dim, tiny_config.emb_dim)
+  unstacked = checkpoints.unstack_layers(stacked)
+  assert sorted(unstacked) == sorted(flat)
+  for name, array in flat.items():
+    np.testing.assert_array_equal(unstacked[name], array, err_msg=name)
 
 
 def test_assignment_map_renames_with_groups_and_first_rule_wins():
