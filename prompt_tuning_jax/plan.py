@@ -19,6 +19,7 @@ DEVICES = {
     "tpu_v4": dict(memory=32 * GIB, peak_flops=275e12),
     "a100_80g": dict(memory=80 * GIB, peak_flops=312e12),
     "h100_80g": dict(memory=80 * GIB, peak_flops=989e12),
+    "h200": dict(memory=140 * GIB, peak_flops=989e12),     # nvidia-smi on an H200: 143771 MiB
 }
 # XLA reserves some memory for itself; a plan that leaves less than this free does not fit.
 HEADROOM = 0.9
