@@ -103,7 +103,12 @@ def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
 
 
 def maybe_initialize_distributed() -> None:
-  """Starts JAX's multi-host runtime when the environment describes several processes."""
+  """Starts JAX's multi-host runtime when the environment describes several processes.
+
+  On a TPU pod slice, under Slurm or Open MPI, JAX finds the processes itself. Elsewhere (GPU or CPU
+  hosts of your own) every process sets JAX_COORDINATOR_ADDRESS (process 0's `host:port`),
+  JAX_NUM_PROCESSES and its own JAX_PROCESS_ID.
+  """
   env = os.environ
   multi_process = (
       bool(env.get("JAX_COORDINATOR_ADDRESS"))
@@ -111,8 +116,22 @@ def maybe_initialize_distributed() -> None:
       or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
       or "," in env.get("TPU_WORKER_HOSTNAMES", "")
       or "," in env.get("MEGASCALE_COORDINATOR_ADDRESS", ""))
-  if multi_process and not jax.distributed.is_initialized():
+  if not multi_process or jax.distributed.is_initialized():
+    return
+  given = {name: env.get(name, "") for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  if not any(given.values()):
     jax.distributed.initialize()
+    return
+  try:
+    num_processes, process_id = (int(value) for value in given.values())
+  except ValueError:
+    num_processes = process_id = -1
+  if not 0 <= process_id < num_processes:
+    raise ValueError(
+        f"JAX_NUM_PROCESSES={given['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+        f"{given['JAX_PROCESS_ID']!r}: set both, to the number of processes and this process's "
+        "index from 0, and JAX_COORDINATOR_ADDRESS to process 0's host:port.")
+  jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
 
 
 def search_paths(user_paths: Sequence[str]) -> list[str]:
@@ -236,9 +255,9 @@ def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
     SystemExit: with status 2 after printing `error: ...` when the input is bad.
   """
   args = parse_args(sys.argv[1:] if argv is None else argv, description)
-  maybe_initialize_distributed()
   logging.getLogger("prompt_tuning_jax").setLevel(logging.INFO)
   try:
+    maybe_initialize_distributed()
     parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
     import_task_modules()
     check_entry_arguments(entry)

@@ -213,19 +213,32 @@ def test_user_task_module(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, False),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-    ({"SLURM_NTASKS": "4"}, True),
-    ({"SLURM_NTASKS": "1"}, False),
-    ({"TPU_WORKER_HOSTNAMES": "host-0,host-1"}, True),
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+     {"num_processes": 4, "process_id": 3}),
+    ({"SLURM_NTASKS": "4"}, {}),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "host-0,host-1"}, {}),
 ])
 def test_multi_host_start(monkeypatch, env, expected):
-  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+  """`expected`: the arguments `jax.distributed.initialize` gets, or None where it is not called."""
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   calls = []
-  monkeypatch.setattr(gin_utils.jax.distributed, "initialize", lambda: calls.append(True))
+  monkeypatch.setattr(gin_utils.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
   gin_utils.maybe_initialize_distributed()
-  assert calls == ([True] if expected else [])
+  assert calls == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize("num_processes, process_id", [("2", ""), ("2", "2"), ("two", "0")])
+def test_multi_host_start_names_bad_process_numbers(monkeypatch, num_processes, process_id):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", num_processes)
+  monkeypatch.setenv("JAX_PROCESS_ID", process_id)
+  monkeypatch.setattr(gin_utils.jax.distributed, "initialize", lambda **kwargs: pytest.fail("started"))
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES=.* and JAX_PROCESS_ID=.*: set both"):
+    gin_utils.maybe_initialize_distributed()

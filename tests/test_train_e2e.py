@@ -6,6 +6,7 @@ the real SuperGLUE RTE files in ../shared/data.
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -236,3 +237,37 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   with open(model_dir / "run_config.json") as f:
     assert json.load(f)["length_buckets"] == [64, 96, 128]
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
+
+
+def test_two_processes_train_as_one(tmp_path):
+  """Two processes of `python -m prompt_tuning_jax.train` joined by JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo collectives on CPU), one device each. Unshuffled, each
+  reads every other example, so a global batch holds the same examples as one process's batch, and
+  the prompt after 6 steps is one process's to float rounding. Process 0 alone writes the logs."""
+  unshuffled = ["--gin.train.shuffle=False"]
+  one = tmp_path / "one"
+  train.main(flags(MODEL_DIR=repr(str(one))) + unshuffled)
+  gin.clear_config()
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  two = tmp_path / "two"
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "prompt_tuning_jax.train", *flags(MODEL_DIR=repr(str(two))), *unshuffled],
+      cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [process.communicate(timeout=300) for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  assert "Trained to step 6" in outputs[0][0]
+  np.testing.assert_allclose(prompt_at(two, 6), prompt_at(one, 6), atol=1e-5)
+  assert not np.allclose(prompt_at(two, 6), prompt_at(two, 3), atol=1e-5)
+  assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
+  logged = [(two / "train_metrics.jsonl").read_text(), (one / "train_metrics.jsonl").read_text()]
+  assert len(logged[0].splitlines()) == len(logged[1].splitlines())
