@@ -18,6 +18,7 @@ import pytest
 from prompt_tuning_jax import checkpoints
 from prompt_tuning_jax import eval as eval_lib
 from prompt_tuning_jax import infer
+from prompt_tuning_jax import run_checkpoints
 from prompt_tuning_jax import train
 from prompt_tuning_jax import trainer
 
@@ -239,25 +240,33 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
 
 
-def test_two_processes_train_as_one(tmp_path):
-  """Two processes of `python -m prompt_tuning_jax.train` joined by JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo collectives on CPU), one device each. Unshuffled, each
-  reads every other example, so a global batch holds the same examples as one process's batch, and
-  the prompt after 6 steps is one process's to float rounding. Process 0 alone writes the logs."""
-  unshuffled = ["--gin.train.shuffle=False"]
-  one = tmp_path / "one"
-  train.main(flags(MODEL_DIR=repr(str(one))) + unshuffled)
+UNSHUFFLED = ["--gin.train.shuffle=False"]
+
+
+@pytest.fixture(scope="module")
+def unshuffled_run(tmp_path_factory):
+  """One process's 6 unshuffled steps: the reference for the two-process runs."""
+  model_dir = tmp_path_factory.mktemp("unshuffled") / "run"
+  train.main(flags(MODEL_DIR=repr(str(model_dir))) + UNSHUFFLED)
   gin.clear_config()
+  return model_dir
+
+
+def run_two_processes(model_dir, fault_in_process_1=None) -> list[str]:
+  """`python -m prompt_tuning_jax.train` as two processes joined by JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo collectives on CPU), one device each, unshuffled;
+  returns their stdouts. `fault_in_process_1` sets PROMPT_TUNING_FAULT in process 1 alone."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  two = tmp_path / "two"
   env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
          "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  env.pop(run_checkpoints.FAULT_ENV, None)
+  faults = [{}, {run_checkpoints.FAULT_ENV: fault_in_process_1} if fault_in_process_1 else {}]
   processes = [subprocess.Popen(
-      [sys.executable, "-m", "prompt_tuning_jax.train", *flags(MODEL_DIR=repr(str(two))), *unshuffled],
-      cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+      [sys.executable, "-m", "prompt_tuning_jax.train", *flags(MODEL_DIR=repr(str(model_dir))),
+       *UNSHUFFLED], cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i), **faults[i]},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     outputs = [process.communicate(timeout=300) for process in processes]
   finally:
@@ -265,9 +274,28 @@ def test_two_processes_train_as_one(tmp_path):
       process.kill()
   for process, (_, err) in zip(processes, outputs):
     assert process.returncode == 0, err[-3000:]
-  assert "Trained to step 6" in outputs[0][0]
+  return [out for out, _ in outputs]
+
+
+def test_two_processes_train_as_one(unshuffled_run, tmp_path):
+  """Unshuffled, each process reads every other example, so a global batch holds the same examples
+  as one process's, and the prompt after 6 steps is one process's to float rounding. Both write the
+  resume checkpoints (orbax), process 0 alone the logs."""
+  one, two = unshuffled_run, tmp_path / "two"
+  assert "Trained to step 6" in run_two_processes(two)[0]
   np.testing.assert_allclose(prompt_at(two, 6), prompt_at(one, 6), atol=1e-5)
   assert not np.allclose(prompt_at(two, 6), prompt_at(two, 3), atol=1e-5)
   assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
   logged = [(two / "train_metrics.jsonl").read_text(), (one / "train_metrics.jsonl").read_text()]
   assert len(logged[0].splitlines()) == len(logged[1].splitlines())
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_they_resume(unshuffled_run, tmp_path):
+  """A preemption notice reaching process 1 alone at step 4: both processes save step 4 and exit
+  cleanly; two processes resume to step 6 and reach one process's uninterrupted prompt."""
+  two = tmp_path / "two"
+  outputs = run_two_processes(two, fault_in_process_1="sigterm:4")
+  assert "Stopped by SIGTERM at step 4, checkpoint saved" in outputs[0]
+  assert sorted(os.listdir(two / "checkpoints"), key=int) == ["3", "4"]
+  assert "Trained to step 6" in run_two_processes(two)[0]
+  np.testing.assert_allclose(prompt_at(two, 6), prompt_at(unshuffled_run, 6), atol=1e-5)
