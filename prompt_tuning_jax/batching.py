@@ -37,10 +37,11 @@ def batch(dataset: tf.data.Dataset, batch_size: int, input_length: int,
 
   Without buckets every batch is `[batch, input_length]`. With them `encoder_input_tokens` is
   `[batch, bucket]`, the bucket being the shortest that holds each of the batch's examples; the other
-  features keep their shapes. The order is a deterministic function of the dataset's.
+  features keep their shapes. The order is a deterministic function of the dataset's. tf.data makes
+  the next batches in its own threads (`prefetch`) while the caller uses this one.
   """
   if not length_buckets:
-    return dataset.batch(batch_size, drop_remainder=True)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   buckets = check_length_buckets(length_buckets, input_length)
 
   def trim(example):
@@ -53,7 +54,7 @@ def batch(dataset: tf.data.Dataset, batch_size: int, input_length: int,
       lambda example: tf.shape(example["encoder_input_tokens"])[0],
       bucket_boundaries=[b + 1 for b in buckets],  # bucket i holds lengths up to buckets[i]
       bucket_batch_sizes=[batch_size] * (len(buckets) + 1), pad_to_bucket_boundary=True,
-      drop_remainder=True)
+      drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def pad_rows(array: np.ndarray, batch_size: int) -> np.ndarray:

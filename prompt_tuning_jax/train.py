@@ -301,6 +301,12 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   batches = batching.batch(dataset, per_process, task_feature_lengths["inputs"], length_buckets).skip(
       data_position["batches_consumed"]).as_numpy_iterator()
 
+  def next_batch() -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
+    """The next batch, this process's rows and the global array on the mesh."""
+    local = next(batches)
+    return local, {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                   for k, v in local.items() if k in _MODEL_FEATURES}
+
   metrics_log = metrics_logging.MetricsLogger(model_dir, train_steps, start_step, progress_bar)
   checkpoint_period = checkpoint_period or eval_period or train_steps
   summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step, "eval": {}}
@@ -308,15 +314,17 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   step = start_step
   preemption = _Preemption()
   try:
+    upcoming = next_batch() if step < train_steps else None
     while step < train_steps:
-      local = next(batches)
+      local, batch = upcoming
       if log_batch_hashes:
         metrics_log.record(step + 1, {"hash": _batch_hash(local)}, kind="batch")
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in local.items() if k in _MODEL_FEATURES}
       previous = jax.tree_util.tree_map(jnp.copy, state) if skip_nonfinite_steps else None
       state, metrics = train_step(state, frozen, batch)
       step += 1
+      # While the device runs the step, the host reads and places the next batch (the first sync is
+      # the finiteness check below).
+      upcoming = next_batch() if step < train_steps else None
       fault_point("mid_step", step)
       loss_finite, prompt_finite = jax.device_get(_finiteness(metrics["loss"], state.trainable))
       if not (loss_finite and prompt_finite):

@@ -240,6 +240,25 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
 
 
+def test_the_next_batch_is_placed_while_the_device_runs_the_step(tmp_path, monkeypatch):
+  """Per step: dispatch the step, place the next batch on the mesh, then wait for the step (the
+  finiteness check is the loop's first sync); the last step places nothing."""
+  events = []
+  compile_train_step, make_array = trainer.compile_train_step, jax.make_array_from_process_local_data
+  finiteness = train._finiteness  # pylint: disable=protected-access
+
+  def recording_compile(*args, **kwargs):
+    step = compile_train_step(*args, **kwargs)
+    return lambda *a: (events.append("step"), step(*a))[1]
+  monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
+  monkeypatch.setattr(jax, "make_array_from_process_local_data",
+                      lambda *a: (events.append("place"), make_array(*a))[1])
+  monkeypatch.setattr(train, "_finiteness", lambda *a: (events.append("wait"), finiteness(*a))[1])
+  train.main(flags(MODEL_DIR=repr(str(tmp_path / "run")), TRAIN_STEPS="3"))
+  collapsed = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
+  assert collapsed == ["place"] + ["step", "place", "wait"] * 2 + ["step", "wait"]
+
+
 UNSHUFFLED = ["--gin.train.shuffle=False"]
 
 
