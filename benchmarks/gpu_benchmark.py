@@ -9,10 +9,13 @@ over a bfloat16 matmul peak measured on the same card in the same run. The JSON'
 compiled step's count by the card's XLA, which leaves out the GEMMs it hands to cuBLAS (10-56% of
 the textbook count on an H200), so no HFU is printed. "step GiB" is the compiled step's arguments and
 temporaries (XLA's memory analysis); the JSON's `peak_bytes_in_use` is the process's peak so far, over
-every size measured before. Each size's row is printed and the JSON rewritten as soon as it is
-measured, and a size that fails records its error and the run goes on; each stage (init, compile,
-steps, FLOP count) prints its seconds to stderr as it ends. On an H200 the three sizes took under two
-minutes, most of it compiling (20-31 s a size) and the process's start.
+every size measured before. "loop ms" is a step in a loop like `train`'s (numpy batches placed on
+the mesh, no tf.data): the next batch placed while the device runs the step, then the wait; "old ms"
+waits first and places after, as `train` did before. Each size's row is printed and the JSON
+rewritten as soon as it is measured, and a size that fails records its error and the run goes on;
+each stage (init, compile, steps, loops, FLOP count) prints its seconds to stderr as it ends. On an
+H200 the three sizes took under two minutes, most of it compiling (20-31 s a size) and the process's
+start.
 """
 import argparse
 import functools
@@ -27,15 +30,16 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common
-from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizers, partitioning, prompts,
-                               trainer)
+from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizers, partitioning,
+                               prompts, trainer)
 
 INPUTS, PROMPT, TARGETS = 128, 100, 8
-HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} {'MFU':>5} "
-          f"{'step GiB':>8}")
+HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} "
+          f"{'MFU':>5} {'step GiB':>8} {'loop ms':>7} {'old ms':>7}")
 
 
-def initial_state(model: network.T5, optimizer, frozen: dict[str, Any]) -> tuple[trainer.TrainState, Any]:
+def initial_state(model: network.T5, optimizer,
+                  frozen: dict[str, Any]) -> tuple[trainer.TrainState, Any]:
   """The prompt's train state (float32, a normal `[prompt, embed]` prompt) and the frozen params, flat
   `{path: array}` in `model`'s layout, as a tree in bfloat16."""
   prompt = jax.random.normal(jax.random.PRNGKey(1), (PROMPT, model.config.emb_dim))
@@ -50,6 +54,26 @@ def compile_step(model: network.T5, optimizer, state, frozen, devices):
   mesh = partitioning.make_mesh((1, 1), devices[:1])
   replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
   return trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
+
+
+def loop_step_s(compiled, state, frozen, host_batches: Sequence[dict[str, Any]], sharding,
+                steps: int, place_first: bool) -> tuple[float, Any]:
+  """Mean seconds a step in a loop like `train`'s, without tf.data, and the last state (the step
+  donates the one it gets): dispatch the step, then place the next host batch on the mesh and wait
+  for the step's loss (`place_first`, `train`'s order), or wait and then place (its order before).
+  `host_batches` are numpy batches, used in turn."""
+  place = lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
+  batch = place(host_batches[0])
+  for i in range(steps + 2):  # the first 2 steps warm up
+    if i == 2:
+      start = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    if not place_first:
+      jax.device_get(metrics["loss"])
+    batch = place(host_batches[(i + 1) % len(host_batches)])
+    if place_first:
+      jax.device_get(metrics["loss"])
+  return (time.perf_counter() - start) / steps, state
 
 
 def textbook_flops(size: str, batch: dict[str, Any]) -> float:
@@ -98,11 +122,18 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
     return metrics
   timing = common.time_steps(run, steps, warmup=3, sync=jax.block_until_ready)
   start = done(f"{steps} steps after 3 warm-ups", start)
+  host_batches = [common.random_batch(batch_size, INPUTS, TARGETS, seed) for seed in range(2)]
+  sharding = partitioning.batch_sharding(partitioning.make_mesh((1, 1), jax.devices()[:1]))
+  loop_s = {}
+  for order in ("wait_then_place", "place_then_wait"):
+    loop_s[order], holder["state"] = loop_step_s(compiled, holder["state"], frozen, host_batches,
+                                                 sharding, steps, place_first=order == "place_then_wait")
+  start = done(f"{steps} loop steps in each order", start)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
   model_flops = textbook_flops(size, batch)
   done("FLOP count on the CPU backend", start)
-  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers,
+  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers, loop_step_s=loop_s,
               compile_s=stage_s["compile"], stage_s=stage_s, wall_s=time.perf_counter() - begin,
               flops=compiled.cost_analysis()["flops"], model_flops=model_flops,
               examples_per_s=batch_size / timing["step_s"],
@@ -115,9 +146,10 @@ def row(r: dict[str, Any], peak_flops_per_s: float) -> str:
   """One size's table row; adds its MFU to `r`."""
   r["mfu"] = r["model_flops"] / r["step_s"] / peak_flops_per_s
   step_gib = (r["argument_bytes"] + r["temp_bytes"]) / 2**30
+  loop = r["loop_step_s"]
   return (f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
           f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} "
-          f"{step_gib:8.2f}")
+          f"{step_gib:8.2f} {loop['place_then_wait'] * 1e3:7.1f} {loop['wait_then_place'] * 1e3:7.1f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

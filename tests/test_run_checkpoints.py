@@ -209,7 +209,8 @@ def test_assignment_map_on_the_real_t5x_checkpoint():
 
 @pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
 def test_load_frozen_params_starts_skipped_params_from_scratch():
-  """Through `train.load_frozen_params`: the skipped decoder is `init_params`'s, the rest the checkpoint's."""
+  """Through `train.load_frozen_params`: the skipped decoder is `init_params`'s, the rest the
+  checkpoint's."""
   config, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
   rng = jax.random.PRNGKey(3)
   loaded = train.load_frozen_params(config, str(T5X_CHECKPOINT), [(r"decoder/.*", None)], rng)
