@@ -12,6 +12,7 @@ import functools
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
@@ -100,24 +101,24 @@ class Predictor:
 
   def predict_fn(self, dataset) -> list[tuple[int, list[int]]]:
     """seqio's predict_fn: (index, decoded token ids without padding) per example."""
-    outputs = []
+    pending = []  # read back after the loop: the host reads each next batch while the device decodes
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
       max_length = (self.decoding_config.max_decode_length
                     or features["decoder_target_tokens"].shape[1])
-      tokens = np.asarray(self._decoder(max_length)(self.trainable, self.frozen,
-                                                    features["encoder_input_tokens"]))
-      outputs.extend((int(i), [int(t) for t in row if t != 0]) for i, row in
-                     zip(indices, tokens[:real]))
-    return outputs
+      pending.append((indices, real, self._decoder(max_length)(self.trainable, self.frozen,
+                                                               features["encoder_input_tokens"])))
+    return [(int(i), [int(t) for t in row if t != 0]) for indices, real, tokens in pending
+            for i, row in zip(indices, np.asarray(tokens)[:real])]
 
   def score_fn(self, dataset) -> list[tuple[int, float]]:
     """seqio's score_fn: (index, log-likelihood of the targets) per example."""
-    outputs = []
+    pending = []  # read back after the loop, as in `predict_fn`
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
-      scores = np.asarray(self._score(self.trainable, self.frozen, features["encoder_input_tokens"],
-                                      features["decoder_target_tokens"]))
-      outputs.extend((int(i), float(s)) for i, s in zip(indices, scores[:real]))
-    return outputs
+      pending.append((indices, real, self._score(self.trainable, self.frozen,
+                                                 features["encoder_input_tokens"],
+                                                 features["decoder_target_tokens"])))
+    return [(int(i), float(s)) for indices, real, scores in pending
+            for i, s in zip(indices, np.asarray(scores)[:real])]
 
 
 def eval_loss(dataset, eval_step: Callable, trainable, frozen, batch_size: int,
@@ -125,15 +126,17 @@ def eval_loss(dataset, eval_step: Callable, trainable, frozen, batch_size: int,
   """Teacher-forced loss and token accuracy over a finite dataset of model features.
 
   A last short batch is padded with rows of zero loss weight, so `eval_step` compiles once (once a
-  bucket with `length_buckets`, which sort the examples by input length).
+  bucket with `length_buckets`, which sort the examples by input length). The sums stay on the
+  device until the end, so the host reads the next batch while the device runs this one.
   """
   totals = None
   for batch in _batches(dataset, batch_size, length_buckets):
     batch = _pad_rows({k: v for k, v in batch.items() if k in features}, batch_size)
-    metrics = jax.device_get(eval_step(trainable, frozen, batch))
-    totals = metrics if totals is None else jax.tree_util.tree_map(np.add, totals, metrics)
+    metrics = eval_step(trainable, frozen, batch)
+    totals = metrics if totals is None else jax.tree_util.tree_map(jnp.add, totals, metrics)
   if totals is None:
     return {}
+  totals = jax.device_get(totals)
   tokens = max(float(totals["real_tokens"]), 1.0)
   return {"loss_per_token": float(totals["loss"]) / tokens,
           "token_accuracy": float(totals["correct_tokens"]) / tokens}
