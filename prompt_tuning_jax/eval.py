@@ -45,7 +45,7 @@ def load_prompted_model(model_config: T5Config, initial_checkpoint_path: Optiona
   trainable, frozen = freezing.split(params, mask)
   mesh = partitioning.make_mesh(mesh_shape)
   _, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
-  return model, trainable, train.place_on_mesh(frozen, frozen_sh)
+  return model, trainable, partitioning.place_on_mesh(frozen, frozen_sh)
 
 
 def evaluate_prompt(*, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],

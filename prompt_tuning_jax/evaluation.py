@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import batching, decoding, freezing, scoring
+from prompt_tuning_jax import batching, decoding, freezing, partitioning, scoring
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
@@ -77,8 +77,24 @@ class Predictor:
     self.decoding_config, self.length_buckets = decoding_config, tuple(length_buckets)
     self.trainable: Any = {}
     self._decoders: dict[int, Callable] = {}
-    self._score = jax.jit(lambda t, f, inputs, targets: scoring.score(
+    # With several processes jit takes global arrays only. Every process holds the whole eval set
+    # (seqio's Evaluator does not shard it): each batch is split over `data` from that full copy and
+    # the outputs gathered to every process. `frozen` must then be on the run's mesh.
+    self._mesh = None
+    jit_kwargs = {}
+    if jax.process_count() > 1:
+      self._mesh = jax.tree_util.tree_leaves(frozen)[0].sharding.mesh
+      partitioning.check_batch_divides(batch_size, self._mesh)
+      jit_kwargs = {"out_shardings": partitioning.replicated(self._mesh)}
+    self._jit = functools.partial(jax.jit, **jit_kwargs)
+    self._score = self._jit(lambda t, f, inputs, targets: scoring.score(
         model, freezing.merge(t, f), inputs, targets))
+
+  def _placed(self, inputs: np.ndarray):
+    """`inputs` as the jitted functions take them: as they are, or split over `data` (processes)."""
+    if self._mesh is None:
+      return inputs
+    return partitioning.place_on_mesh(inputs, partitioning.batch_sharding(self._mesh))
 
   def _decoder(self, max_length: int) -> Callable:
     if max_length not in self._decoders:
@@ -95,7 +111,7 @@ class Predictor:
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         key = jax.random.PRNGKey(cfg.seed)
         run = lambda params, inputs: fn(params, inputs, key)[0]
-      self._decoders[max_length] = jax.jit(
+      self._decoders[max_length] = self._jit(
           lambda t, f, inputs: run(freezing.merge(t, f), inputs))
     return self._decoders[max_length]
 
@@ -105,8 +121,8 @@ class Predictor:
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
       max_length = (self.decoding_config.max_decode_length
                     or features["decoder_target_tokens"].shape[1])
-      pending.append((indices, real, self._decoder(max_length)(self.trainable, self.frozen,
-                                                               features["encoder_input_tokens"])))
+      pending.append((indices, real, self._decoder(max_length)(
+          self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]))))
     return [(int(i), [int(t) for t in row if t != 0]) for indices, real, tokens in pending
             for i, row in zip(indices, np.asarray(tokens)[:real])]
 
@@ -114,9 +130,9 @@ class Predictor:
     """seqio's score_fn: (index, log-likelihood of the targets) per example."""
     pending = []  # read back after the loop, as in `predict_fn`
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
-      pending.append((indices, real, self._score(self.trainable, self.frozen,
-                                                 features["encoder_input_tokens"],
-                                                 features["decoder_target_tokens"])))
+      pending.append((indices, real, self._score(
+          self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]),
+          self._placed(features["decoder_target_tokens"]))))
     return [(int(i), float(s)) for indices, real, scores in pending
             for i, s in zip(indices, np.asarray(scores)[:real])]
 

@@ -100,6 +100,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def place_on_mesh(tree, shardings):
+  """Puts host numpy arrays on the mesh when every process holds the full arrays; `shardings` is a
+  tree like `tree`'s. Each process keeps the pieces of its own devices."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def check_batch_divides(batch_size: int, mesh: Mesh, num_microbatches: int = 1):
   """The global batch must split evenly over data shards and micro-batches."""
   data = mesh.shape[DATA]

@@ -104,14 +104,6 @@ def check_class_labels(class_labels: Sequence[str], targets_length: int,
                      f"{lengths[longest] + 1} or more.")
 
 
-def place_on_mesh(tree, shardings):
-  """Puts host numpy arrays on the mesh (each process holds the full arrays)."""
-  def put(x, sharding):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree_util.tree_map(put, tree, shardings)
-
-
 def _run_settings(**settings) -> dict[str, Any]:
   """JSON-able settings that identify a run, for `run_config.json`."""
   def plain(value):
@@ -252,10 +244,11 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   evaluator = evaluation.make_evaluator(
       eval_name, task_feature_lengths, eval_split, log_dir=os.path.join(model_dir, "inference_eval"),
       num_examples=eval_num_examples) if eval_period else None
+  # Every process reads the whole eval split (as seqio's Evaluator does) and places each batch from
+  # its full copy, so all processes run the same number of batches.
   eval_dataset = seqio.get_dataset(
       eval_name, task_feature_lengths=dict(task_feature_lengths), dataset_split=eval_split,
       shuffle=False, num_epochs=1, use_cached=use_cached,
-      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
       feature_converter=seqio.EncDecFeatureConverter(pack=False)) if eval_period else None
   if eval_dataset is not None and eval_num_examples:
     eval_dataset = eval_dataset.take(eval_num_examples)
@@ -264,8 +257,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   mask = freezing.freeze_mask(params, trainable_patterns)
   trainable, frozen = freezing.split(params, mask)
   trainable_sh, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
-  frozen = place_on_mesh(frozen, frozen_sh)
-  state = trainer.TrainState.create(place_on_mesh(trainable, trainable_sh), optimizer, state_rng)
+  frozen = partitioning.place_on_mesh(frozen, frozen_sh)
+  state = trainer.TrainState.create(partitioning.place_on_mesh(trainable, trainable_sh), optimizer,
+                                    state_rng)
   state_sh = jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), state).replace(
       trainable=trainable_sh)
   state = jax.device_put(state, state_sh)
@@ -273,6 +267,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
                                           num_microbatches)
   predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
   eval_step = trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config)
+  eval_on_mesh = lambda trainable, frozen, batch: eval_step(
+      trainable, frozen, partitioning.place_on_mesh(batch, {name: batch_sharding for name in batch}))
 
   # ---- Everything checked: from here on MODEL_DIR is written. ----
   run_checkpoints.check_run_config(model_dir, _run_settings(
@@ -353,7 +349,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
         results = evaluation.evaluate(evaluator, predictor, step)
         fault_point("mid_eval", step)
         metrics_log.write(step, evaluation.eval_loss(
-            eval_dataset, eval_step, state.trainable, frozen, per_process, _MODEL_FEATURES,
+            eval_dataset, eval_on_mesh, state.trainable, frozen, batch_size, _MODEL_FEATURES,
             length_buckets), kind="eval")
         summary["eval"][step] = results
         for task, task_metrics in results.items():

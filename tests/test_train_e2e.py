@@ -259,22 +259,25 @@ def test_the_next_batch_is_placed_while_the_device_runs_the_step(tmp_path, monke
   assert collapsed == ["place"] + ["step", "place", "wait"] * 2 + ["step", "wait"]
 
 
-UNSHUFFLED = ["--gin.train.shuffle=False"]
+def unshuffled_flags(model_dir) -> list[str]:
+  """6 unshuffled steps, evaluated at steps 3 and 6 on 16 validation examples."""
+  return flags(MODEL_DIR=repr(str(model_dir)), EVAL_PERIOD="3") + [
+      "--gin.train.shuffle=False", "--gin.train.eval_num_examples=16"]
 
 
 @pytest.fixture(scope="module")
 def unshuffled_run(tmp_path_factory):
-  """One process's 6 unshuffled steps: the reference for the two-process runs."""
+  """One process's run of `unshuffled_flags`: the reference for the two-process runs."""
   model_dir = tmp_path_factory.mktemp("unshuffled") / "run"
-  train.main(flags(MODEL_DIR=repr(str(model_dir))) + UNSHUFFLED)
+  train.main(unshuffled_flags(model_dir))
   gin.clear_config()
   return model_dir
 
 
 def run_two_processes(model_dir, fault_in_process_1=None) -> list[str]:
-  """`python -m prompt_tuning_jax.train` as two processes joined by JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo collectives on CPU), one device each, unshuffled;
-  returns their stdouts. `fault_in_process_1` sets PROMPT_TUNING_FAULT in process 1 alone."""
+  """`python -m prompt_tuning_jax.train` with `unshuffled_flags` as two processes joined by
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo collectives on CPU), one device
+  each; returns their stdouts. `fault_in_process_1` sets PROMPT_TUNING_FAULT in process 1 alone."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -283,8 +286,7 @@ def run_two_processes(model_dir, fault_in_process_1=None) -> list[str]:
   env.pop(run_checkpoints.FAULT_ENV, None)
   faults = [{}, {run_checkpoints.FAULT_ENV: fault_in_process_1} if fault_in_process_1 else {}]
   processes = [subprocess.Popen(
-      [sys.executable, "-m", "prompt_tuning_jax.train", *flags(MODEL_DIR=repr(str(model_dir))),
-       *UNSHUFFLED], cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i), **faults[i]},
+      [sys.executable, "-m", "prompt_tuning_jax.train", *unshuffled_flags(model_dir)], cwd=REPO_ROOT, env={**env, "JAX_PROCESS_ID": str(i), **faults[i]},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     outputs = [process.communicate(timeout=300) for process in processes]
@@ -298,15 +300,26 @@ def run_two_processes(model_dir, fault_in_process_1=None) -> list[str]:
 
 def test_two_processes_train_as_one(unshuffled_run, tmp_path):
   """Unshuffled, each process reads every other example, so a global batch holds the same examples
-  as one process's, and the prompt after 6 steps is one process's to float rounding. Both write the
+  as one process's, and the prompt after 6 steps is one process's to float rounding. Evaluation
+  (every process reads the whole split) gives one process's loss and predictions. Both write the
   resume checkpoints (orbax), process 0 alone the logs."""
   one, two = unshuffled_run, tmp_path / "two"
   assert "Trained to step 6" in run_two_processes(two)[0]
   np.testing.assert_allclose(prompt_at(two, 6), prompt_at(one, 6), atol=1e-5)
   assert not np.allclose(prompt_at(two, 6), prompt_at(two, 3), atol=1e-5)
   assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
-  logged = [(two / "train_metrics.jsonl").read_text(), (one / "train_metrics.jsonl").read_text()]
-  assert len(logged[0].splitlines()) == len(logged[1].splitlines())
+  logged = [[json.loads(line) for line in (run / "train_metrics.jsonl").read_text().splitlines()]
+            for run in (two, one)]
+  assert len(logged[0]) == len(logged[1])
+  evals = [[entry for entry in log if entry["kind"].startswith("eval")] for log in logged]
+  assert [(e["step"], e["kind"]) for e in evals[0]] == [(e["step"], e["kind"]) for e in evals[1]]
+  assert len(evals[0]) == 4  # the loss and the task's metrics, at steps 3 and 6
+  for ours, reference in zip(*evals):
+    assert ours.keys() == reference.keys()
+    names = [name for name in reference if name not in ("step", "kind")]
+    np.testing.assert_allclose([ours[n] for n in names], [reference[n] for n in names], rtol=1e-5)
+  predictions = "inference_eval/taskless_super_glue_rte_v102-000006.jsonl"
+  assert (two / predictions).read_text() == (one / predictions).read_text()
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_they_resume(unshuffled_run, tmp_path):
