@@ -102,10 +102,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def place_on_mesh(tree, shardings):
   """Puts host numpy arrays on the mesh when every process holds the full arrays; `shardings` is a
-  tree like `tree`'s. Each process keeps the pieces of its own devices."""
+  tree like `tree`'s, or one sharding for every array. Each process keeps its own devices' pieces."""
   def put(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
   return jax.tree_util.tree_map(put, tree, shardings)
 
 

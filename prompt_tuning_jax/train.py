@@ -268,7 +268,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
   eval_step = trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config)
   eval_on_mesh = lambda trainable, frozen, batch: eval_step(
-      trainable, frozen, partitioning.place_on_mesh(batch, {name: batch_sharding for name in batch}))
+      trainable, frozen, partitioning.place_on_mesh(batch, batch_sharding))
 
   # ---- Everything checked: from here on MODEL_DIR is written. ----
   run_checkpoints.check_run_config(model_dir, _run_settings(
