@@ -10,8 +10,10 @@ compiled step's count by the card's XLA, which leaves out the GEMMs it hands to 
 the textbook count on an H200), so no HFU is printed. "step GiB" is the compiled step's arguments and
 temporaries (XLA's memory analysis); the JSON's `peak_bytes_in_use` is the process's peak so far, over
 every size measured before. "loop ms" is a step in a loop like `train`'s (numpy batches placed on
-the mesh, no tf.data): the next batch placed while the device runs the step, then the wait; "old ms"
-waits first and places after, as `train` did before. Each size's row is printed and the JSON
+the mesh, no tf.data): the next batch placed while the device runs the step, then the wait (`train`'s
+order on CPU); "old ms" waits first and places after, as `train` once did; "lag ms" waits for the
+loss of the step before, so the device always has the next step queued (`train`'s order on GPU and
+TPU). Each size's row is printed and the JSON
 rewritten as soon as it is measured, and a size that fails records its error and the run goes on;
 each stage (init, compile, steps, loops, FLOP count) prints its seconds to stderr as it ends. On an
 H200 the three sizes took under two minutes, most of it compiling (20-31 s a size) and the process's
@@ -35,7 +37,7 @@ from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizer
 
 INPUTS, PROMPT, TARGETS = 128, 100, 8
 HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} "
-          f"{'MFU':>5} {'step GiB':>8} {'loop ms':>7} {'old ms':>7}")
+          f"{'MFU':>5} {'step GiB':>8} {'loop ms':>7} {'old ms':>7} {'lag ms':>7}")
 
 
 def initial_state(model: network.T5, optimizer,
@@ -56,23 +58,33 @@ def compile_step(model: network.T5, optimizer, state, frozen, devices):
   return trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
 
 
+LOOP_ORDERS = ("wait_then_place", "place_then_wait", "one_step_behind")
+
+
 def loop_step_s(compiled, state, frozen, host_batches: Sequence[dict[str, Any]], sharding,
-                steps: int, place_first: bool) -> tuple[float, Any]:
+                steps: int, order: str) -> tuple[float, Any]:
   """Mean seconds a step in a loop like `train`'s, without tf.data, and the last state (the step
-  donates the one it gets): dispatch the step, then place the next host batch on the mesh and wait
-  for the step's loss (`place_first`, `train`'s order), or wait and then place (its order before).
-  `host_batches` are numpy batches, used in turn."""
+  donates the one it gets). After dispatching a step, the loop places the next host batch on the
+  mesh and waits for the step's loss (`place_then_wait`, `train`'s order on CPU), waits and then
+  places (`wait_then_place`, its order before), or places and waits for the loss of the step before
+  this one (`one_step_behind`, `train`'s order on accelerators: the device always has the next step
+  queued). `host_batches` are numpy batches, used in turn."""
   place = lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
-  batch = place(host_batches[0])
+  batch, pending = place(host_batches[0]), None
   for i in range(steps + 2):  # the first 2 steps warm up
     if i == 2:
       start = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
-    if not place_first:
+    if order == "wait_then_place":
       jax.device_get(metrics["loss"])
     batch = place(host_batches[(i + 1) % len(host_batches)])
-    if place_first:
+    if order == "place_then_wait":
       jax.device_get(metrics["loss"])
+    elif order == "one_step_behind":
+      if pending is not None:
+        jax.device_get(pending)
+      pending = metrics["loss"]
+  jax.device_get(pending)
   return (time.perf_counter() - start) / steps, state
 
 
@@ -125,9 +137,9 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   host_batches = [common.random_batch(batch_size, INPUTS, TARGETS, seed) for seed in range(2)]
   sharding = partitioning.batch_sharding(partitioning.make_mesh((1, 1), jax.devices()[:1]))
   loop_s = {}
-  for order in ("wait_then_place", "place_then_wait"):
+  for order in LOOP_ORDERS:
     loop_s[order], holder["state"] = loop_step_s(compiled, holder["state"], frozen, host_batches,
-                                                 sharding, steps, place_first=order == "place_then_wait")
+                                                 sharding, steps, order)
   start = done(f"{steps} loop steps in each order", start)
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
@@ -149,7 +161,8 @@ def row(r: dict[str, Any], peak_flops_per_s: float) -> str:
   loop = r["loop_step_s"]
   return (f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
           f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} "
-          f"{step_gib:8.2f} {loop['place_then_wait'] * 1e3:7.1f} {loop['wait_then_place'] * 1e3:7.1f}")
+          f"{step_gib:8.2f} {loop['place_then_wait'] * 1e3:7.1f} {loop['wait_then_place'] * 1e3:7.1f} "
+          f"{loop['one_step_behind'] * 1e3:7.1f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -109,6 +109,32 @@ def train_step(state: TrainState, frozen, batch: Batch, *, model: T5,
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
+FINITENESS_METRICS = ("loss_finite", "prompt_finite")
+
+
+def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable:
+  """`step_fn(state, frozen, batch) -> (state, metrics)` whose metrics also say, as 0-d bools,
+  whether the loss (`loss_finite`) and every new trainable value (`prompt_finite`) are finite.
+
+  With `skip_nonfinite`, a step where either is not keeps its input's trainable params and optimizer
+  state (the step still counts). Both happen on the device, so a loop may queue the next step before
+  it reads this one's flags.
+  """
+  def guarded(state: TrainState, frozen, batch: Batch):
+    new_state, metrics = step_fn(state, frozen, batch)
+    loss_finite = jnp.isfinite(metrics["loss"])
+    prompt_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                       for x in jax.tree_util.tree_leaves(new_state.trainable)]))
+    if skip_nonfinite:
+      keep = loss_finite & prompt_finite
+      new_state = new_state.replace(**{
+          field: jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old),
+                                        getattr(new_state, field), getattr(state, field))
+          for field in ("trainable", "opt_state")})
+    return new_state, dict(metrics, loss_finite=loss_finite, prompt_finite=prompt_finite)
+  return guarded
+
+
 def eval_step(trainable, frozen, batch: Batch, *, model: T5,
               loss_config: LossConfig = LossConfig()) -> dict[str, jax.Array]:
   """Summed loss metrics of one batch, without dropout."""
@@ -120,13 +146,13 @@ def eval_step(trainable, frozen, batch: Batch, *, model: T5,
 
 def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
                        state_shardings, frozen_shardings, loss_config: LossConfig = LossConfig(),
-                       num_microbatches: int = 1) -> Callable:
-  """`train_step` under `jax.jit` with the state and frozen params placed by their shardings, the
-  batch split over the mesh's `data` axis and activations sharded by the model's logical constraints;
-  the old state's buffers are donated."""
-  step = partitioning.shard_activations(functools.partial(
+                       num_microbatches: int = 1, skip_nonfinite: bool = False) -> Callable:
+  """`train_step` `with_finiteness` under `jax.jit`, with the state and frozen params placed by their
+  shardings, the batch split over the mesh's `data` axis and activations sharded by the model's
+  logical constraints; the old state's buffers are donated."""
+  step = partitioning.shard_activations(with_finiteness(functools.partial(
       train_step, model=model, optimizer=optimizer, loss_config=loss_config,
-      num_microbatches=num_microbatches), mesh)
+      num_microbatches=num_microbatches), skip_nonfinite), mesh)
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
                  out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))

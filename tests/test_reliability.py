@@ -267,29 +267,28 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, 
   reopened.close()
 
 
-def _poisoned_compile(at_step):
-  """`trainer.compile_train_step` whose step `at_step` returns a NaN loss and prompt."""
-  compile_train_step = trainer.compile_train_step
+def _poisoned_train_step(at_step):
+  """`trainer.train_step` whose step `at_step` (traced: the finiteness guard and the jit around it
+  are the real ones) returns a NaN loss and prompt."""
+  train_step = trainer.train_step
 
-  def compile_poisoned(*args, **kwargs):
-    step = compile_train_step(*args, **kwargs)
-
-    def poisoned_step(state, frozen, batch):
-      new_state, metrics = step(state, frozen, batch)
-      if int(new_state.step) == at_step:
-        new_state = new_state.replace(trainable=jax.tree_util.tree_map(
-            lambda x: x * jnp.nan, new_state.trainable))
-        metrics = dict(metrics, loss=metrics["loss"] * jnp.nan)
-      return new_state, metrics
-    return poisoned_step
-  return compile_poisoned
+  def poisoned_step(state, frozen, batch, **kwargs):
+    new_state, metrics = train_step(state, frozen, batch, **kwargs)
+    poison = jnp.where(new_state.step == at_step, jnp.nan, 1.0)
+    return (new_state.replace(trainable=jax.tree_util.tree_map(lambda x: x * poison,
+                                                               new_state.trainable)),
+            dict(metrics, loss=metrics["loss"] * poison))
+  return poisoned_step
 
 
+@pytest.mark.parametrize("queue_ahead", [True, False], ids=["accelerator", "cpu"])
 def test_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
-                                                                  caplog):
+                                                                  caplog, queue_ahead):
+  """Also when the loop reads step 3's finiteness only after queueing step 4 (as on accelerators)."""
   model_dir = tmp_path / "run"
   argv = flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="4", CHECKPOINT_PERIOD="2")
-  monkeypatch.setattr(trainer, "compile_train_step", _poisoned_compile(at_step=3))
+  monkeypatch.setattr(trainer, "train_step", _poisoned_train_step(at_step=3))
+  monkeypatch.setattr(train, "_queues_steps_ahead", lambda mesh: queue_ahead)
   with pytest.raises(SystemExit) as exit_info:
     train.main(argv)
   err = capsys.readouterr().err

@@ -240,12 +240,16 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
 
 
-def test_the_next_batch_is_placed_while_the_device_runs_the_step(tmp_path, monkeypatch):
-  """Per step: dispatch the step, place the next batch on the mesh, then wait for the step (the
-  finiteness check is the loop's first sync); the last step places nothing."""
+@pytest.mark.parametrize("queue_ahead", [True, False], ids=["accelerator", "cpu"])
+def test_the_next_batch_is_placed_and_the_next_step_queued_before_waiting(tmp_path, monkeypatch,
+                                                                          queue_ahead):
+  """Per step: dispatch the step, place the next batch on the mesh, then wait (reading finiteness is
+  the loop's first sync) for the step before, so an accelerator always has the next step queued, or
+  for this step on CPU, where queueing ahead was slower. The last step places nothing, and its save
+  waits for it."""
   events = []
   compile_train_step, make_array = trainer.compile_train_step, jax.make_array_from_process_local_data
-  finiteness = train._finiteness  # pylint: disable=protected-access
+  read_finiteness = train._read_finiteness  # pylint: disable=protected-access
 
   def recording_compile(*args, **kwargs):
     step = compile_train_step(*args, **kwargs)
@@ -253,10 +257,17 @@ def test_the_next_batch_is_placed_while_the_device_runs_the_step(tmp_path, monke
   monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
   monkeypatch.setattr(jax, "make_array_from_process_local_data",
                       lambda *a: (events.append("place"), make_array(*a))[1])
-  monkeypatch.setattr(train, "_finiteness", lambda *a: (events.append("wait"), finiteness(*a))[1])
-  train.main(flags(MODEL_DIR=repr(str(tmp_path / "run")), TRAIN_STEPS="3"))
-  collapsed = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
-  assert collapsed == ["place"] + ["step", "place", "wait"] * 2 + ["step", "wait"]
+  monkeypatch.setattr(train, "_read_finiteness",
+                      lambda metrics: (events.append("wait"), read_finiteness(metrics))[1])
+  monkeypatch.setattr(train, "_queues_steps_ahead", lambda mesh: queue_ahead)
+  train.main(flags(MODEL_DIR=repr(str(tmp_path / "run")), TRAIN_STEPS="5", CHECKPOINT_PERIOD="5"))
+  batches = [e for i, e in enumerate(events)  # one "place" a batch, not one an array
+             if e != "place" or i == 0 or events[i - 1] != "place"]
+  if queue_ahead:
+    assert batches == ["place", "step", "place", "step"] + ["place", "wait", "step"] * 3 + [
+        "wait", "wait"]
+  else:
+    assert batches == ["place"] + ["step", "place", "wait"] * 4 + ["step", "wait"]
 
 
 def unshuffled_flags(model_dir) -> list[str]:

@@ -69,6 +69,31 @@ def test_only_the_prompt_learns_and_only_it_has_optimizer_state(setup):
                             trainable["encoder"]["prompt"]["prompt"]["prompt"])
 
 
+def test_a_nonfinite_step_is_flagged_and_with_skip_dropped_on_the_device(setup):
+  """`with_finiteness` under jit: a step whose loss (scaled by a traced factor) is NaN reports it, and
+  with `skip_nonfinite` keeps its input's prompt and optimizer state while the step still counts."""
+  model, trainable, frozen, optimizer = setup
+  batch = make_batch(model.config.vocab_size)
+
+  def scaled_step(state, frozen, batch, scale):
+    new_state, metrics = trainer.train_step(state, frozen, batch, model=model, optimizer=optimizer)
+    return new_state, dict(metrics, loss=metrics["loss"] * scale)
+
+  state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
+  for skip in (False, True):
+    step = jax.jit(lambda state, frozen, batch, scale, skip=skip: trainer.with_finiteness(
+        functools.partial(scaled_step, scale=scale), skip)(state, frozen, batch))
+    good, metrics = step(state, frozen, batch, 1.0)
+    assert bool(metrics["loss_finite"]) and bool(metrics["prompt_finite"])
+    bad, metrics = step(good, frozen, batch, jnp.nan)
+    assert not bool(metrics["loss_finite"]) and bool(metrics["prompt_finite"])
+    assert int(bad.step) == 2
+    kept = jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)), (bad.trainable, bad.opt_state),
+        (good.trainable, good.opt_state)))
+    assert kept == skip
+
+
 def _count_dots(fn, *args) -> int:
   return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
 
