@@ -51,9 +51,8 @@ def initial_state(model: network.T5, optimizer,
   return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen
 
 
-def compile_step(model: network.T5, optimizer, state, frozen, devices):
-  """The jitted train step on a one-device mesh of `devices`, everything replicated."""
-  mesh = partitioning.make_mesh((1, 1), devices[:1])
+def compile_step(model: network.T5, optimizer, state, frozen, mesh):
+  """The jitted train step on `mesh` (one device), everything replicated."""
   replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
   return trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
 
@@ -100,7 +99,8 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
             for name, shape in checkpoints.param_shapes(model.config).items()}
   state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer), shapes)
   with common.textbook_attention():
-    step = compile_step(model, optimizer, state, frozen, jax.devices("cpu"))
+    step = compile_step(model, optimizer, state, frozen,
+                        partitioning.make_mesh((1, 1), jax.devices("cpu")[:1]))
     return step.lower(state, frozen, batch).cost_analysis()["flops"]
 
 
@@ -123,7 +123,8 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
                                     model.config)
   state, frozen = jax.block_until_ready(initial_state(model, optimizer, params))
   start = done("init", begin)
-  step = compile_step(model, optimizer, state, frozen, jax.devices())
+  mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
+  step = compile_step(model, optimizer, state, frozen, mesh)
   batch = common.random_batch(batch_size, INPUTS, TARGETS)
   compiled = step.lower(state, frozen, batch).compile()
   start = done("compile", start)
@@ -135,7 +136,7 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   timing = common.time_steps(run, steps, warmup=3, sync=jax.block_until_ready)
   start = done(f"{steps} steps after 3 warm-ups", start)
   host_batches = [common.random_batch(batch_size, INPUTS, TARGETS, seed) for seed in range(2)]
-  sharding = partitioning.batch_sharding(partitioning.make_mesh((1, 1), jax.devices()[:1]))
+  sharding = partitioning.batch_sharding(mesh)
   loop_s = {}
   for order in LOOP_ORDERS:
     loop_s[order], holder["state"] = loop_step_s(compiled, holder["state"], frozen, host_batches,
