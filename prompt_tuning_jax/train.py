@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import seqio
-from jax.experimental import multihost_utils
 
 from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, metrics_logging,
                                optimizers, partitioning, prompt_initializers, prompts, run_checkpoints,
@@ -398,23 +397,37 @@ _MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_targ
 
 
 class _Preemption:
-  """Turns SIGTERM (how preemption arrives) into a flag the loop reads at each step boundary."""
+  """Turns SIGTERM (how preemption arrives) into a flag the loop reads at each step boundary.
+
+  With several processes, each call or-s the processes' flags on the devices and returns the result
+  of the call before, so reading it waits only for the step the loop has already waited for: every
+  process stops at the same step, one step after the notice reached any of them.
+  """
 
   def __init__(self):
     self._received = False
     self._previous = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._receive)
+    self._gathered = None  # the last call's or-ed flag, a replicated 0-d jax.Array
+    if jax.process_count() > 1:
+      devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+      mesh = jax.sharding.Mesh(devices, ("processes", "local_devices"))
+      self._per_process = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+      self._any = jax.jit(jnp.any, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
 
   def _receive(self, signum, frame):
     del signum, frame
     self._received = True
 
   def requested(self) -> bool:
-    """Whether any process has received SIGTERM (all processes agree, so they stop together)."""
+    """Whether this process (alone) or any process (by the previous call) has received SIGTERM."""
     if jax.process_count() == 1:
       return self._received
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._received))))
+    previous, self._gathered = self._gathered, self._any(jax.make_array_from_process_local_data(
+        self._per_process, np.asarray([self._received])))
+    return previous is not None and bool(previous)
 
   def restore(self):
     if self._previous is not None:

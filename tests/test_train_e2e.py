@@ -334,11 +334,12 @@ def test_two_processes_train_as_one(unshuffled_run, tmp_path):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_they_resume(unshuffled_run, tmp_path):
-  """A preemption notice reaching process 1 alone at step 4: both processes save step 4 and exit
-  cleanly; two processes resume to step 6 and reach one process's uninterrupted prompt."""
+  """A preemption notice reaching process 1 alone at step 4: both processes learn of it one step
+  later, save step 5 and exit cleanly; two processes resume to step 6 and reach one process's
+  uninterrupted prompt."""
   two = tmp_path / "two"
   outputs = run_two_processes(two, fault_in_process_1="sigterm:4")
-  assert "Stopped by SIGTERM at step 4, checkpoint saved" in outputs[0]
-  assert sorted(os.listdir(two / "checkpoints"), key=int) == ["3", "4"]
+  assert "Stopped by SIGTERM at step 5, checkpoint saved" in outputs[0]
+  assert sorted(os.listdir(two / "checkpoints"), key=int) == ["3", "5"]
   assert "Trained to step 6" in run_two_processes(two)[0]
   np.testing.assert_allclose(prompt_at(two, 6), prompt_at(unshuffled_run, 6), atol=1e-5)
