@@ -120,7 +120,7 @@ def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable
   state (the step still counts). Both happen on the device, so a loop may queue the next step before
   it reads this one's flags.
   """
-  def guarded(state: TrainState, frozen, batch: Batch):
+  def checked_step(state: TrainState, frozen, batch: Batch):
     new_state, metrics = step_fn(state, frozen, batch)
     loss_finite = jnp.isfinite(metrics["loss"])
     prompt_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
@@ -132,7 +132,7 @@ def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable
                                         getattr(new_state, field), getattr(state, field))
           for field in ("trainable", "opt_state")})
     return new_state, dict(metrics, loss_finite=loss_finite, prompt_finite=prompt_finite)
-  return guarded
+  return checked_step
 
 
 def eval_step(trainable, frozen, batch: Batch, *, model: T5,
