@@ -126,11 +126,12 @@ def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable
     prompt_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                                        for x in jax.tree_util.tree_leaves(new_state.trainable)]))
     if skip_nonfinite:
-      keep = loss_finite & prompt_finite
-      new_state = new_state.replace(**{
-          field: jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old),
-                                        getattr(new_state, field), getattr(state, field))
-          for field in ("trainable", "opt_state")})
+      finite = loss_finite & prompt_finite
+      updated_if_finite = lambda new, old: jax.tree_util.tree_map(
+          lambda n, o: jnp.where(finite, n, o), new, old)
+      new_state = new_state.replace(
+          trainable=updated_if_finite(new_state.trainable, state.trainable),
+          opt_state=updated_if_finite(new_state.opt_state, state.opt_state))
     return new_state, dict(metrics, loss_finite=loss_finite, prompt_finite=prompt_finite)
   return checked_step
 
