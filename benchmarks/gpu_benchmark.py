@@ -13,11 +13,10 @@ every size measured before. "loop ms" is a step in a loop like `train`'s (numpy 
 the mesh, no tf.data): the next batch placed while the device runs the step, then the wait (`train`'s
 order on CPU); "old ms" waits first and places after, as `train` once did; "lag ms" waits for the
 loss of the step before, so the device always has the next step queued (`train`'s order on GPU and
-TPU). Each size's row is printed and the JSON
-rewritten as soon as it is measured, and a size that fails records its error and the run goes on;
-each stage (init, compile, steps, loops, FLOP count) prints its seconds to stderr as it ends. On an
-H200 the three sizes took under two minutes, most of it compiling (20-31 s a size) and the process's
-start.
+TPU). Each size's row is printed and the JSON rewritten as soon as it is measured, and a size that
+fails records its error and the run goes on; each stage (init, compile, steps, loops, FLOP count)
+prints its seconds to stderr as it ends. On an H200 the three sizes took under two minutes, most of it
+compiling (20-31 s a size) and the process's start.
 """
 import argparse
 import functools
