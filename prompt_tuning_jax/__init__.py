@@ -2,4 +2,4 @@
 from prompt_tuning_jax import xla_cpu
 
 xla_cpu.rerun_with_huge_pages()
-xla_cpu.prefer_xla_dots()
+xla_cpu.xla_cpu_flags()

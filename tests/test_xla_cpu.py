@@ -1,5 +1,5 @@
-"""Importing the package turns off XLA:CPU's YNNPACK fusions, unless the user chose otherwise; our tools
-restart themselves with glibc's huge-page malloc."""
+"""Importing the package turns off XLA:CPU's YNNPACK fusions and its tree reduction rewriter, unless the
+user set those flags; our tools restart themselves with glibc's huge-page malloc."""
 import os
 import subprocess
 import sys
@@ -14,8 +14,8 @@ PROBE = """
 import os, jax, jax.numpy as jnp
 {before}
 {import_package}
-hlo = jax.jit(lambda a, b: jnp.tanh(a @ b) * 2).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
-print(os.environ.get("XLA_FLAGS"), "__ynn_fusion" in hlo)
+hlo = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(-1)).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+print(os.environ.get("XLA_FLAGS"), "__ynn_fusion" in hlo, "reduce-window" in hlo)
 """
 
 
@@ -29,29 +29,36 @@ def _probe(xla_flags=None, before="", import_package="import prompt_tuning_jax")
   return done.stdout.split()
 
 
-def test_import_turns_ynn_fusions_off_and_keeps_other_flags():
+YNN_OFF, TREE_OFF = "--xla_cpu_experimental_ynn_fusion_type=", "--xla_disable_hlo_passes=tree_reduction_rewriter"
+
+
+def test_import_turns_ynn_fusions_and_tree_reductions_off_and_keeps_other_flags():
   assert _probe("--xla_cpu_enable_fast_math=false") == [
-      "--xla_cpu_enable_fast_math=false", "--xla_cpu_experimental_ynn_fusion_type=", "False"]
-  # Without the package this jaxlib does fuse through YNNPACK, so the probe can tell.
-  assert _probe(import_package="")[-1] == "True"
+      "--xla_cpu_enable_fast_math=false", YNN_OFF, TREE_OFF, "False", "False"]
+  # Without the package this jaxlib does fuse through YNNPACK, so the probe can tell; with the user's
+  # own pass list below, the reduction is split in two (`reduce-window`).
+  assert _probe(import_package="")[-2] == "True"
 
 
-def test_a_users_own_ynn_setting_and_a_started_backend_are_left_alone():
-  assert _probe("--xla_cpu_experimental_ynn_fusion_type=individual_dot")[0] == (
-      "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+def test_a_users_own_settings_and_a_started_backend_are_left_alone():
+  assert _probe("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == [
+      "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT", TREE_OFF, "True", "False"]
+  assert _probe("--xla_disable_hlo_passes=cse_barrier_expander") == [
+      "--xla_disable_hlo_passes=cse_barrier_expander", YNN_OFF, "False", "True"]
   assert _probe(before="jnp.ones(1).block_until_ready()")[0] == "None"
 
 
-def test_prefer_xla_dots_on_an_environment(monkeypatch):
+def test_xla_cpu_flags_on_an_environment(monkeypatch):
   monkeypatch.setattr(xla_cpu, "_backends_started", lambda: False)
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert xla_cpu.prefer_xla_dots(environ) is True
-  assert environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                  "--xla_cpu_experimental_ynn_fusion_type=")
-  assert xla_cpu.prefer_xla_dots(environ) is False and xla_cpu.prefer_xla_dots({}) is True
+  assert xla_cpu.xla_cpu_flags(environ) == [YNN_OFF, TREE_OFF]
+  assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN_OFF} {TREE_OFF}"
+  assert xla_cpu.xla_cpu_flags(environ) == [] and xla_cpu.xla_cpu_flags({}) == [YNN_OFF, TREE_OFF]
+  environ = {"XLA_FLAGS": "--xla_disable_hlo_passes=cse_barrier_expander"}
+  assert xla_cpu.xla_cpu_flags(environ) == [YNN_OFF]
   monkeypatch.setattr(xla_cpu, "_backends_started", lambda: True)
   environ = {}
-  assert xla_cpu.prefer_xla_dots(environ) is False and environ == {}
+  assert xla_cpu.xla_cpu_flags(environ) == [] and environ == {}
 
 
 @pytest.mark.parametrize("argv, expected", [
