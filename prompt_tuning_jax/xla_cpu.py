@@ -11,8 +11,8 @@ Two XLA flags, each added to `XLA_FLAGS` unless the user's own `XLA_FLAGS` alrea
     `reduce-window` and a second reduce; the attention softmax's row reductions ran faster as one
     pass, and the step ran 1.03-1.04x faster on the Zen 5 machine (no change on the older one).
 XLA reads its flags once, when JAX first opens a backend, so a process that computed with JAX before
-importing this package keeps its settings. GPU and TPU runs ignore both (their reduction pass has
-another name).
+importing this package keeps its settings. GPU runs ignore both (XLA:GPU's reduction pass is named
+`tree-reduction-rewriter`).
 
 XLA:CPU also allocates each step's temporaries (2.2 GiB for that step) with malloc and frees them at
 the step's end; glibc hands blocks that large to mmap and munmap, so every step page-faults them in

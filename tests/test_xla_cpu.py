@@ -29,7 +29,8 @@ def _probe(xla_flags=None, before="", import_package="import prompt_tuning_jax")
   return done.stdout.split()
 
 
-YNN_OFF, TREE_OFF = "--xla_cpu_experimental_ynn_fusion_type=", "--xla_disable_hlo_passes=tree_reduction_rewriter"
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+TREE_OFF = "--xla_disable_hlo_passes=tree_reduction_rewriter"
 
 
 def test_import_turns_ynn_fusions_and_tree_reductions_off_and_keeps_other_flags():
