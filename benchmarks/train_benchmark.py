@@ -34,9 +34,9 @@ from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
 TOKENS_PER_EXAMPLE = INPUTS + PROMPT + TARGETS
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_OFF = f"{xla_cpu.YNN_FUSION_FLAG}={xla_cpu.CPU_FLAGS[xla_cpu.YNN_FUSION_FLAG]}"
 # Set explicitly: a child left without the flag imports the package, which turns YNNPACK off.
-YNN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+YNN_DOTS = f"{xla_cpu.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT"
 
 
 # ---- Ours. ----
@@ -231,7 +231,8 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
 # XLA:CPU expands jax.checkpoint's barriers early and CSE then undoes rematerialisation; the remat
 # options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`), and with the pass
 # the package skips (`xla_cpu.CPU_FLAGS`), as the other rows.
-KEEP_REMAT = f"{YNN_OFF} --xla_disable_hlo_passes=cse_barrier_expander,tree_reduction_rewriter"
+KEEP_REMAT = (f"{YNN_OFF} {xla_cpu.DISABLED_PASSES_FLAG}=cse_barrier_expander,"
+              f"{xla_cpu.CPU_FLAGS[xla_cpu.DISABLED_PASSES_FLAG]}")
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
 KEEP_FREED_MEMORY = ":".join([xla_cpu.HUGE_PAGES_TUNABLE, "glibc.malloc.mmap_max=0",
                               f"glibc.malloc.trim_threshold={2**40}", "glibc.malloc.arena_max=1"])

@@ -29,9 +29,10 @@ import os
 import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+DISABLED_PASSES_FLAG = "--xla_disable_hlo_passes"
 # XLA flag -> the value we set where the user's `XLA_FLAGS` does not set that flag.
-CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "",
-             "--xla_disable_hlo_passes": "tree_reduction_rewriter"}
+CPU_FLAGS = {YNN_FUSION_FLAG: "", DISABLED_PASSES_FLAG: "tree_reduction_rewriter"}
 
 
 def _backends_started() -> bool:
