@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import common
 from prompt_tuning_jax import (checkpoints, config, decoding, ensemble, prompts, scoring, serving,
-                               train, vocabularies)
+                               train, vocabularies, xla_cpu)
 from prompt_tuning_jax.network import T5
 
 NUM_TASKS = 8
@@ -49,7 +49,9 @@ def _functions(model: T5, decode_length: int) -> dict[str, Callable]:
   score = lambda p, x, t, ids, n: scoring.rank_classify(model, p, x, t, ids, n)[1]
   decode = lambda p, x, t, ids, n: decoding.greedy_decode(
       model, p, x, max_decode_length=decode_length, prompt_ids=ids, prompt_lengths=n)[0]
-  return {"score": jax.jit(score), "decode": jax.jit(decode)}
+  # Compiled as `serving.PromptServer` compiles them.
+  return {"score": jax.jit(score, compiler_options=xla_cpu.dot_compiler_options(jax.default_backend())),
+          "decode": jax.jit(decode)}
 
 
 def run_config(name: str, model_config: config.T5Config, batch_size: int, input_length: int,

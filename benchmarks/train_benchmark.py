@@ -37,6 +37,9 @@ TOKENS_PER_EXAMPLE = INPUTS + PROMPT + TARGETS
 YNN_OFF = f"{xla_cpu.YNN_FUSION_FLAG}={xla_cpu.CPU_FLAGS[xla_cpu.YNN_FUSION_FLAG]}"
 # Set explicitly: a child left without the flag imports the package, which turns YNNPACK off.
 YNN_DOTS = f"{xla_cpu.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT"
+# oneDNN's dots, as `xla_cpu.dot_compiler_options` compiles our steps where the CPU has AVX-512.
+ONEDNN_DOTS = " ".join(f"--{name}={'true' if value is True else value}"
+                       for name, value in xla_cpu.ONEDNN_DOTS.items())
 
 
 # ---- Ours. ----
@@ -243,6 +246,10 @@ OPTIONS = {
     # Huge pages, and glibc keeps what it frees in one arena: no page is zeroed again, but every
     # thread's malloc takes the same lock.
     "huge pages, freed memory kept": dict(env={"GLIBC_TUNABLES": KEEP_FREED_MEMORY}),
+    # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's (the
+    # user's flag wins over `xla_cpu.dot_compiler_options`), and attention in one batch chunk.
+    "Eigen dots": dict(xla_flags="--xla_cpu_use_onednn=false"),
+    "attention in one chunk": dict(config_overrides={"attention_chunks": 1}),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
     "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
                                               frozen_dtype="bfloat16"),
@@ -260,10 +267,11 @@ OPTIONS = {
 
 
 def matmul_peaks() -> dict[str, Any]:
-  """The float32 matmul peak of XLA:CPU's YNNPACK dots (jaxlib's default) and of its Eigen dots (what
-  the package selects, see `prompt_tuning_jax/xla_cpu.py`), each in its own child."""
+  """The float32 matmul peak of XLA:CPU's YNNPACK dots (jaxlib's default), of its Eigen dots and of
+  oneDNN's (what the package selects, see `prompt_tuning_jax/xla_cpu.py`), each in its own child."""
   return {"ynn": run_worker("matmul", xla_flags=YNN_DOTS),
-          "eigen": run_worker("matmul", xla_flags=YNN_OFF)}
+          "eigen": run_worker("matmul", xla_flags=YNN_OFF),
+          "onednn": run_worker("matmul", xla_flags=ONEDNN_DOTS)}
 
 
 def _best_flops_per_s(peaks: dict[str, Any]) -> float:

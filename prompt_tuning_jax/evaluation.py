@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import batching, decoding, freezing, partitioning, scoring
+from prompt_tuning_jax import batching, decoding, freezing, partitioning, scoring, xla_cpu
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
@@ -88,7 +88,8 @@ class Predictor:
       jit_kwargs = {"out_shardings": partitioning.replicated(self._mesh)}
     self._jit = functools.partial(jax.jit, **jit_kwargs)
     self._score = self._jit(lambda t, f, inputs, targets: scoring.score(
-        model, freezing.merge(t, f), inputs, targets))
+        model, freezing.merge(t, f), inputs, targets),
+        compiler_options=xla_cpu.dot_compiler_options(jax.default_backend()))
 
   def _placed(self, inputs: np.ndarray):
     """`inputs` as the jitted functions take them: as they are, or split over `data` (processes)."""

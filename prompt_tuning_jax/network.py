@@ -157,6 +157,28 @@ def attends_through_inputs(query_length: int, key_length: int, embed: int, head_
   return q * (k * e + e * d - k * d) < k * e * d
 
 
+def attention_chunks(config: T5Config, batch: int) -> int:
+  """`config.attention_chunks`, or its backend default (2 on CPU, else 1); 1 if it does not divide
+  `batch`."""
+  chunks = config.attention_chunks
+  if chunks is None:
+    chunks = 2 if jax.default_backend() == "cpu" else 1
+  return chunks if batch % chunks == 0 else 1
+
+
+def over_batch_chunks(fn: Callable[..., jax.Array], chunks: int, *arrays: jax.Array) -> jax.Array:
+  """`fn(*arrays)` computed on `chunks` interleaved batch chunks (examples j, j + chunks, ...) and put
+  back in order. Arrays are `[batch, ...]` or `[1, ...]` (the same for every chunk); `fn` maps each
+  chunk to `[batch / chunks, ...]`. Interleaving keeps each chunk spread like the batch when the batch
+  is sharded in contiguous blocks."""
+  if chunks == 1:
+    return fn(*arrays)
+  batch = arrays[0].shape[0]
+  take = lambda x, j: x.reshape((batch // chunks, chunks) + x.shape[1:])[:, j] if x.shape[0] > 1 else x
+  outs = [fn(*(take(x, j) for x in arrays)) for j in range(chunks)]
+  return jnp.stack(outs, axis=1).reshape((batch,) + outs[0].shape[1:])
+
+
 # Cache entries of a decoding cross-attention: the encoding's keys and values, the same for every
 # beam of an example (`decoding` does not reorder them).
 CROSS_CACHE = ("cached_cross_key", "cached_cross_value")
@@ -176,6 +198,8 @@ class MultiHeadAttention(nn.Module):
   target positions), the same products are associated the other way: logits are
   `(query @ key_kernel^T) @ inputs_kv^T` and the output `(weights @ inputs_kv) @ value_kernel`, so keys
   and values over the long input are never formed. The parameters and the result are the same.
+  Otherwise, without a cache, the core (logits, softmax, context) runs in `attention_chunks` batch
+  chunks.
   """
   config: T5Config
   cross: bool = False
@@ -242,12 +266,16 @@ class MultiHeadAttention(nn.Module):
         bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
         bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
 
-    logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
-    weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
-    weights = constrain(weights, ("batch", "heads", "length", None))
-    out = split(jnp.einsum(f"bhqk,{kv_axes}->bqhd", weights, value)).reshape(
-        inputs_q.shape[:2] + (joined,))
-    return output(out)
+    def attend(query, key, value, bias):
+      logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype),
+                          key.astype(logits_dtype))
+      weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
+      weights = constrain(weights, ("batch", "heads", "length", None))
+      return jnp.einsum(f"bhqk,{kv_axes}->bqhd", weights, value)
+
+    chunks = 1 if decode else attention_chunks(cfg, query.shape[0])
+    out = over_batch_chunks(attend, chunks, query, key, value, bias)
+    return output(split(out).reshape(inputs_q.shape[:2] + (joined,)))
 
 
 class MlpBlock(nn.Module):

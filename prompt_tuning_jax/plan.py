@@ -79,6 +79,8 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
     raise ValueError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
+  if model_config.attention_chunks is None:  # the accelerator's default, not the planning CPU's
+    model_config = model_config.replace(attention_chunks=1)
   model = network.T5(model_config, prompts.PromptConfig(prompt_length))
   tokens = jnp.ones((1, 1), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
@@ -100,7 +102,7 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
                                     ("decoder_target_tokens", "targets", jnp.int32),
                                     ("decoder_loss_weights", "targets", jnp.float32))}
   step = trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh,
-                                    num_microbatches=num_microbatches)
+                                    num_microbatches=num_microbatches, compiler_options={})
   compiled = step.lower(with_sharding(state, state_sh), with_sharding(frozen, frozen_sh),
                         batch).compile()
   memory = compiled.memory_analysis()

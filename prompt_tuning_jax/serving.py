@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import batching, checkpoints, decoding, freezing, prompts, scoring
+from prompt_tuning_jax import batching, checkpoints, decoding, freezing, prompts, scoring, xla_cpu
 from prompt_tuning_jax.config import T5Config
 from prompt_tuning_jax.network import T5
 
@@ -114,7 +114,8 @@ class PromptServer:
     self._device_table = jnp.array(self._table)
     self.traces: collections.Counter = collections.Counter()
     self._predict = jax.jit(self._predict_batch)
-    self._score = jax.jit(self._score_batch)
+    self._score = jax.jit(self._score_batch,
+                          compiler_options=xla_cpu.dot_compiler_options(jax.default_backend()))
 
   @property
   def tasks(self) -> list[str]:

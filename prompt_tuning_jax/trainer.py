@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from prompt_tuning_jax import freezing, losses, partitioning
+from prompt_tuning_jax import freezing, losses, partitioning, xla_cpu
 from prompt_tuning_jax.network import T5
 
 Batch = dict[str, jax.Array]
@@ -145,18 +145,25 @@ def eval_step(trainable, frozen, batch: Batch, *, model: T5,
   return metrics
 
 
+def _dot_options(mesh: Mesh) -> dict[str, Any]:
+  return xla_cpu.dot_compiler_options(mesh.devices.flat[0].platform)
+
+
 def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
                        state_shardings, frozen_shardings, loss_config: LossConfig = LossConfig(),
-                       num_microbatches: int = 1, skip_nonfinite: bool = False) -> Callable:
+                       num_microbatches: int = 1, skip_nonfinite: bool = False,
+                       compiler_options: Optional[dict[str, Any]] = None) -> Callable:
   """`train_step` `with_finiteness` under `jax.jit`, with the state and frozen params placed by their
   shardings, the batch split over the mesh's `data` axis and activations sharded by the model's
-  logical constraints; the old state's buffers are donated."""
+  logical constraints; the old state's buffers are donated. Compiled with `compiler_options`, by
+  default the mesh's platform's `xla_cpu.dot_compiler_options`."""
   step = partitioning.shard_activations(with_finiteness(functools.partial(
       train_step, model=model, optimizer=optimizer, loss_config=loss_config,
       num_microbatches=num_microbatches), skip_nonfinite), mesh)
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=_dot_options(mesh) if compiler_options is None else compiler_options)
 
 
 def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardings,
@@ -165,4 +172,4 @@ def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardin
       functools.partial(eval_step, model=model, loss_config=loss_config), mesh)
   return jax.jit(step, in_shardings=(trainable_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
-                 out_shardings=partitioning.replicated(mesh))
+                 out_shardings=partitioning.replicated(mesh), compiler_options=_dot_options(mesh))

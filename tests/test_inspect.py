@@ -18,7 +18,7 @@ TINY_JSON = {
     "logits_via_embedding": False, "relative_attention_num_buckets": 4,
     "relative_attention_max_distance": 8, "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6,
     "dtype": "float32", "float32_attention_logits": True, "remat_policy": "none",
-    "scan_layers": False,
+    "scan_layers": False, "attention_chunks": None,
 }
 # 4 * 32128 (embedding) + 4 * 32128 (logits) + per layer 4 attention kernels 4x4 and 3 MLP kernels of
 # 32 in the encoder (2 norms) and 8 attention kernels plus MLP in the decoder (3 norms), 2 norms, 2

@@ -179,6 +179,46 @@ def test_cross_attention_through_inputs_equals_projected_keys_and_values():
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_over_batch_chunks_interleaves_and_restores_the_order():
+  x = jnp.arange(6 * 3, dtype=jnp.float32).reshape(6, 3)
+  shared = jnp.full((1, 3), 100.0)
+  # Each row gets its chunk's sum of first entries: chunk j holds examples j and j + 3.
+  fn = lambda a, b: a * 2 + b + jnp.sum(a[:, 0])
+  out = jax.jit(lambda a, b: network.over_batch_chunks(fn, 3, a, b))(x, shared)
+  chunk_sums = np.array([0 + 9, 3 + 12, 6 + 15, 0 + 9, 3 + 12, 6 + 15], np.float32)[:, None]
+  np.testing.assert_array_equal(out, x * 2 + 100 + chunk_sums)
+  np.testing.assert_array_equal(network.over_batch_chunks(fn, 1, x, shared), x * 2 + 100 + 45)
+
+
+def test_attention_in_batch_chunks_equals_one_chunk():
+  """Self-attention's core in interleaved batch chunks: the same outputs and input gradients."""
+  cfg = config.t5_config("t5_1_1", "tiny", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=16)
+  batch, length = 4, 6
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.normal(size=(batch, length, cfg.emb_dim)), jnp.float32)
+  mask = jnp.asarray(np.arange(length)[None, :] < np.array([[6], [4], [6], [2]]))
+  bias = network.attention_bias(mask, mask) + jnp.asarray(rng.normal(size=(1, 2, length, length)),
+                                                           jnp.float32)
+  params = nn.unbox(network.MultiHeadAttention(cfg).init(jax.random.PRNGKey(0), inputs, inputs,
+                                                         bias))["params"]
+
+  def out_and_grad(chunks, bias):
+    attention = network.MultiHeadAttention(cfg.replace(attention_chunks=chunks))
+    loss = lambda x: jnp.sum(jnp.sin(attention.apply({"params": params}, x, x, bias)))
+    return jax.jit(jax.value_and_grad(loss))(inputs)
+
+  for b in (bias, bias[:1]):  # per example, and one bias for the whole batch
+    expected = out_and_grad(1, b)
+    for chunks in (2, 4, 3):  # 3 does not divide the batch: one chunk
+      np.testing.assert_allclose(out_and_grad(chunks, b)[0], expected[0], rtol=1e-6)
+      np.testing.assert_allclose(out_and_grad(chunks, b)[1], expected[1], rtol=1e-5, atol=1e-6)
+  assert network.attention_chunks(cfg, 32) == (2 if jax.default_backend() == "cpu" else 1)
+  assert network.attention_chunks(cfg, 5) == 1
+  assert network.attention_chunks(cfg.replace(attention_chunks=4), 8) == 4
+  with pytest.raises(ValueError, match="attention_chunks=0"):
+    cfg.replace(attention_chunks=0)
+
+
 @pytest.mark.parametrize("remat_policy", ["none", "full"])
 def test_scanned_layers_equal_one_module_per_layer(tiny_config, tiny_params, remat_policy):
   """`scan_layers` stacks the same parameters on a `layers` axis; logits and prompt gradients agree."""
