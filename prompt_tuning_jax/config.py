@@ -45,8 +45,8 @@ class T5Config:
   scan_layers: bool = False
   # Attention's core (logits, softmax, context) of a full sequence runs in this many interleaved batch
   # chunks (examples j, j + n, ...; the same result), 1 where it does not divide the batch. None: 2 on
-  # CPU (with oneDNN's dots, `xla_cpu.dot_compiler_options`, the T5 1.1 Small step ran 1.08x faster
-  # so), 1 on other backends.
+  # CPU (with oneDNN's dots, `xla_cpu.dot_compiler_options`, the T5 1.1 Small step ran 1.03-1.09x
+  # faster so), 1 on other backends.
   attention_chunks: Optional[int] = None
 
   def __post_init__(self):

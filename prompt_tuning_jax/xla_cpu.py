@@ -16,12 +16,14 @@ importing this package keeps its settings. GPU runs ignore both (XLA:GPU's reduc
 
 The train, eval and scoring steps also compile with `dot_compiler_options`: on x86-64 CPUs with
 AVX-512, each dot runs in oneDNN instead of Eigen. On the Zen 5 machine, alone, the step's large
-products ran 1.1x as fast (470-480 against 415-450 GFLOP/s) and its batched attention products about
-twice as fast (one thread's small products each in Eigen, spread over the cores in oneDNN); the whole
-step 1.03-1.06x, and 1.12x with the attention core in two batch chunks (`T5Config.attention_chunks`).
-Greedy decoding, whose steps are small products, ran 1.13-1.17x slower with it, so decoding keeps
-Eigen. (On an AVX2 machine earlier, oneDNN's large dots were slower than Eigen's: 164 against 196
-GFLOP/s.) A user's `XLA_FLAGS` that set either oneDNN flag keep their choice.
+products ran 1.1x as fast (463-484 against 417-449 GFLOP/s) and its batched attention products up to
+twice as fast (Eigen gives each of their small products one thread); the whole step 1.03-1.07x, and
+1.10-1.12x with the attention core in two batch chunks (`T5Config.attention_chunks`). Greedy decoding,
+whose steps are small products, ran 1.13-1.17x slower with it, so decoding keeps Eigen. On the earlier
+2-core EPYC (half this one's matmul peak; its vector extensions were not recorded), oneDNN's large dots
+were slower than Eigen's, 164 against 196 GFLOP/s, so the options apply only where AVX-512 is, as on
+the machine that measured them faster. A user's `XLA_FLAGS` that set either oneDNN flag keep their
+choice.
 
 XLA:CPU also allocates each step's temporaries (2.2 GiB for that step) with malloc and frees them at
 the step's end; glibc hands blocks that large to mmap and munmap, so every step page-faults them in
