@@ -37,7 +37,7 @@ def ours(steps: int) -> dict[str, Any]:
   batch = common.random_batch(BATCH, INPUTS, TARGETS)
   # Compiled as `evaluation.Predictor` compiles its scoring.
   score = jax.jit(lambda p, x, y: scoring.score(model, p, x, y),
-                  compiler_options=xla_cpu.dot_compiler_options(jax.default_backend()))
+                  compiler_options=xla_cpu.dot_compiler_options())
   compiled = score.lower(params, batch["encoder_input_tokens"],
                          batch["decoder_target_tokens"]).compile()
   timing = common.time_steps(

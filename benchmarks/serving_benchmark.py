@@ -50,7 +50,7 @@ def _functions(model: T5, decode_length: int) -> dict[str, Callable]:
   decode = lambda p, x, t, ids, n: decoding.greedy_decode(
       model, p, x, max_decode_length=decode_length, prompt_ids=ids, prompt_lengths=n)[0]
   # Compiled as `serving.PromptServer` compiles them.
-  return {"score": jax.jit(score, compiler_options=xla_cpu.dot_compiler_options(jax.default_backend())),
+  return {"score": jax.jit(score, compiler_options=xla_cpu.dot_compiler_options()),
           "decode": jax.jit(decode)}
 
 

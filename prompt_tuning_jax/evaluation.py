@@ -89,7 +89,7 @@ class Predictor:
     self._jit = functools.partial(jax.jit, **jit_kwargs)
     self._score = self._jit(lambda t, f, inputs, targets: scoring.score(
         model, freezing.merge(t, f), inputs, targets),
-        compiler_options=xla_cpu.dot_compiler_options(jax.default_backend()))
+        compiler_options=xla_cpu.dot_compiler_options())
 
   def _placed(self, inputs: np.ndarray):
     """`inputs` as the jitted functions take them: as they are, or split over `data` (processes)."""

@@ -115,7 +115,7 @@ class PromptServer:
     self.traces: collections.Counter = collections.Counter()
     self._predict = jax.jit(self._predict_batch)
     self._score = jax.jit(self._score_batch,
-                          compiler_options=xla_cpu.dot_compiler_options(jax.default_backend()))
+                          compiler_options=xla_cpu.dot_compiler_options())
 
   @property
   def tasks(self) -> list[str]:

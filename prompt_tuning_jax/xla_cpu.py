@@ -36,6 +36,7 @@ itself again with the tunable added (`rerun_with_huge_pages`). Set
 `PROMPT_TUNING_JAX_HUGE_PAGES=0`, or any `glibc.malloc.hugetlb` tunable, to keep the process as
 started. A library user sets the variable themselves before starting Python.
 """
+import functools
 import os
 import platform
 import sys
@@ -82,6 +83,7 @@ def xla_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]:
   return added
 
 
+@functools.cache
 def _has_avx512() -> bool:
   try:
     with open("/proc/cpuinfo") as f:
@@ -90,11 +92,15 @@ def _has_avx512() -> bool:
     return False
 
 
-def dot_compiler_options(platform_name: str, environ: Mapping[str, str] = os.environ,
+def dot_compiler_options(platform_name: Optional[str] = None,
+                         environ: Mapping[str, str] = os.environ,
                          cpu_has_avx512: Optional[bool] = None) -> dict[str, Any]:
   """`jax.jit(compiler_options=...)` for a step made of large products compiled for `platform_name`
-  (a device's `platform`): `ONEDNN_DOTS` on an x86-64 CPU with AVX-512, unless the user's
-  `XLA_FLAGS` sets either flag; `{}` elsewhere."""
+  (a device's `platform`; by default JAX's default backend): `ONEDNN_DOTS` on an x86-64 CPU with
+  AVX-512, unless the user's `XLA_FLAGS` sets either flag; `{}` elsewhere."""
+  if platform_name is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    platform_name = jax.default_backend()
   if platform_name != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
     return {}
   if _flags_set(environ) & {f"--{name}" for name in ONEDNN_DOTS}:

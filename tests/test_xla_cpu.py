@@ -74,6 +74,7 @@ def test_dot_compiler_options_choose_onednn_only_where_measured(monkeypatch):
   assert options(flags="--xla_force_host_platform_device_count=8") == xla_cpu.ONEDNN_DOTS
   assert options("gpu") == {} and options("tpu") == {} and options(avx512=False) == {}
   assert options(flags="--xla_cpu_use_onednn=false") == {}
+  assert options(None) == (xla_cpu.ONEDNN_DOTS if jax.default_backend() == "cpu" else {})
   assert options(flags="--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == {}
   monkeypatch.setattr(xla_cpu.platform, "machine", lambda: "aarch64")
   assert options() == {}
