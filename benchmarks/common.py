@@ -13,6 +13,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+# XLA_FLAGS that keep Eigen's dots where `xla_cpu.dot_compiler_options` would pick oneDNN's (the
+# user's flag wins).
+EIGEN_DOTS_FLAG = "--xla_cpu_use_onednn=false"
 SMALL = dict(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
              num_encoder_layers=8, num_decoder_layers=8)
 

@@ -5,7 +5,7 @@
 Runs the fixed-shape step of `train_benchmark` (T5 1.1 Small shape, batch 32, 128 + 100 inputs, 8
 targets) under the JAX profiler with XLA:CPU's per-thunk trace (`--xla_cpu_enable_xprof_traceme`), in a
 child process started as the benchmark's are (glibc's huge pages) but with Eigen's dots (see
-`EIGEN_DOTS_FLAG`), and reads the trace back against the compiled program's HLO:
+`run_child`), and reads the trace back against the compiled program's HLO:
   - each op's span runs from its start to its completion (an `end: <op>` event for ops that finish
     asynchronously, as Eigen's multi-threaded dots do);
   - the step's wall time is shared out among the ops active at each moment, by class: dots (one
@@ -32,10 +32,6 @@ from typing import Any, Optional, Sequence
 from benchmarks import common
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-# With oneDNN's dots (`xla_cpu.dot_compiler_options`) the trace's spans came out too short (the dots at
-# 857 GFLOP/s of wall, twice the peak: nothing marks when their work ends), so the profile is of the
-# step with Eigen's dots.
-EIGEN_DOTS_FLAG = "--xla_cpu_use_onednn=false"
 DOT, BATCHED_DOT, OTHER = "dot", "batched dot", "fusion, copy, reduce"
 # `  %name = shape opcode(operands), attributes`; a tuple shape is parenthesised and holds spaces.
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$", re.M)
@@ -189,7 +185,10 @@ def run_child(steps: int, top: int) -> dict[str, Any]:
   """`profile` in a child process with the trace flag and the benchmarks' process conditions."""
   from prompt_tuning_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   env = dict(xla_cpu.host_huge_pages_environ() or os.environ)
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {TRACE_FLAG} {EIGEN_DOTS_FLAG}".strip()
+  # With oneDNN's dots (`xla_cpu.dot_compiler_options`) the trace's spans came out too short (the dots
+  # at 857 GFLOP/s of wall, twice the peak: nothing marks when their work ends), so the profile is of
+  # the step with Eigen's dots.
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {TRACE_FLAG} {common.EIGEN_DOTS_FLAG}".strip()
   command = [sys.executable, "-m", "benchmarks.profile_step", "--child", "--steps", str(steps),
              "--top", str(top)]
   done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

@@ -246,9 +246,9 @@ OPTIONS = {
     # Huge pages, and glibc keeps what it frees in one arena: no page is zeroed again, but every
     # thread's malloc takes the same lock.
     "huge pages, freed memory kept": dict(env={"GLIBC_TUNABLES": KEEP_FREED_MEMORY}),
-    # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's (the
-    # user's flag wins over `xla_cpu.dot_compiler_options`), and attention in one batch chunk.
-    "Eigen dots": dict(xla_flags="--xla_cpu_use_onednn=false"),
+    # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's, and
+    # attention in one batch chunk.
+    "Eigen dots": dict(xla_flags=common.EIGEN_DOTS_FLAG),
     "attention in one chunk": dict(config_overrides={"attention_chunks": 1}),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
     "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
