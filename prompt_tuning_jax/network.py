@@ -17,7 +17,7 @@ A soft prompt enters through one hook: the encoder hands its embedded input to a
 `prompts.PromptInput` (parameter `encoder/prompt/prompt/prompt`, the official code's name) when the
 model is built with a `PromptConfig`.
 """
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -46,6 +46,19 @@ def _fan_in_normal(scale: float = 1.0) -> Callable:
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+class SharedPrefix(NamedTuple):
+  """Rows `[batch, n + length, embed]` whose `n` leading rows are the same in every example, held as
+  `prefix` `[1, n, embed]` and `rest` `[batch, length, embed]`: a single prompt in front of the
+  embedded input, as the first encoder layer sees it. `Dense` projects the prefix once for the whole
+  batch, and gradients reach only what each part depends on."""
+  prefix: jax.Array
+  rest: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.rest.shape[0], self.prefix.shape[1] + self.rest.shape[1], self.rest.shape[2])
+
+
 class Dense(nn.Module):
   """`[..., in] -> [..., features]` with a float32 kernel `[in, features]` named by `kernel_axes`."""
   features: int
@@ -59,8 +72,14 @@ class Dense(nn.Module):
     return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                       (in_features, self.features), jnp.float32).astype(self.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x.astype(self.dtype), self.kernel(x.shape[-1]))
+  def __call__(self, x: jax.Array | SharedPrefix) -> jax.Array:
+    kernel = self.kernel(x.shape[-1])
+    if isinstance(x, SharedPrefix):  # [1, n, features] once, broadcast over the batch
+      prefix = jnp.dot(x.prefix.astype(self.dtype), kernel)
+      rest = jnp.dot(x.rest.astype(self.dtype), kernel)
+      return jnp.concatenate([jnp.broadcast_to(prefix, (rest.shape[0],) + prefix.shape[1:]), rest],
+                             axis=1)
+    return jnp.dot(x.astype(self.dtype), kernel)
 
 
 class Embed(nn.Module):
@@ -205,9 +224,10 @@ class MultiHeadAttention(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
-               enable_dropout: bool = False, decode: bool = False) -> jax.Array:
-    """`[batch, q, embed]`, `[batch, k, embed]`, bias `[batch|1, heads|1, q, k]` -> `[batch, q, embed]`."""
+  def __call__(self, inputs_q: jax.Array | SharedPrefix, inputs_kv: jax.Array | SharedPrefix,
+               bias: jax.Array, *, enable_dropout: bool = False, decode: bool = False) -> jax.Array:
+    """`[batch, q, embed]`, `[batch, k, embed]`, bias `[batch|1, heads|1, q, k]` -> `[batch, q, embed]`.
+    Self-attention's inputs may be a `SharedPrefix`."""
     cfg = self.config
     joined = cfg.num_heads * cfg.head_dim
     query_init = _fan_in_normal(1.0 / cfg.head_dim)
@@ -298,15 +318,18 @@ class MlpBlock(nn.Module):
 
 class EncoderLayer(nn.Module):
   """Self-attention and MLP, each pre-normed and residual. Under `nn.scan` (`scanned`) it returns
-  `(x, None)`, scan's (carry, output)."""
+  `(x, None)`, scan's (carry, output). `rows`, the same rows as `x` held as a `SharedPrefix`, lets
+  the attention project the shared rows once."""
   config: T5Config
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array, enable_dropout: bool = False):
+  def __call__(self, x: jax.Array, bias: jax.Array, enable_dropout: bool = False,
+               rows: Optional[SharedPrefix] = None):
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=not enable_dropout)
-    y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
+    norm = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")
+    y = norm(x) if rows is None else SharedPrefix(norm(rows.prefix), norm(rows.rest))
     y = MultiHeadAttention(cfg, name="attention")(y, y, bias, enable_dropout=enable_dropout)
     x = x + drop(y)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
@@ -346,12 +369,14 @@ def _remat(layer: type[nn.Module], config: T5Config, static_argnums: tuple[int, 
   return nn.remat(layer, policy=policy, static_argnums=static_argnums)
 
 
-def _stack(layer: type[nn.Module], config: T5Config, num_layers: int, name: str, *args) -> jax.Array:
+def _stack(layer: type[nn.Module], config: T5Config, num_layers: int, name: str, *args,
+           first_layer_args: tuple = ()) -> jax.Array:
   """Runs `num_layers` of `layer` on `args` (the stream first, the rest shared by every layer).
 
   With `config.scan_layers` one layer is traced and `nn.scan` runs it over parameters stacked on a
   leading `layers` axis (`{name}/...`, `[num_layers, ...]`), so compile time does not grow with depth;
-  otherwise each layer is its own module `{name}_{i}`, the checkpoint layout.
+  otherwise each layer is its own module `{name}_{i}`, the checkpoint layout, and the first also gets
+  `first_layer_args` (none under scan).
   """
   stream, *shared = args
   if config.scan_layers:
@@ -360,12 +385,17 @@ def _stack(layer: type[nn.Module], config: T5Config, num_layers: int, name: str,
                       length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, scanned=True, name=name)(stream, *shared)[0]
   for i in range(num_layers):
-    stream = layer(config, name=f"{name}_{i}")(stream, *shared)
+    stream = layer(config, name=f"{name}_{i}")(stream, *shared, *(first_layer_args if i == 0 else ()))
   return stream
 
 
 class Encoder(nn.Module):
-  """Embeds tokens, lets the prompt hook extend them, and runs the encoder stack."""
+  """Embeds tokens, lets the prompt hook extend them, and runs the encoder stack.
+
+  A single prompt in front of every input (`prompts.PromptInput`'s shared prefix) reaches the first
+  layer also as a `SharedPrefix`, unless dropout is on or layers are scanned: its query, key and value
+  are projected once, not once per example, and the frozen input rows' projections take no gradient.
+  """
   config: T5Config
   embedder: Embed
   prompt_config: Optional[prompts.PromptConfig] = None
@@ -379,18 +409,22 @@ class Encoder(nn.Module):
     `prompt_ids`, `prompt_lengths` `[batch]`: each row's prompt in a bank and its real length.
     """
     cfg = self.config
-    x = self.embedder(tokens)
-    mask = tokens > 0
+    embedded = self.embedder(tokens)
+    x, mask, rows = embedded, tokens > 0, ()
     if self.prompt_config is not None:
-      x, mask = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
+      x, mask, prefix = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
           x, mask, prompt_ids, prompt_lengths)
+      dropout_on = enable_dropout and cfg.dropout_rate > 0
+      if prefix is not None and not dropout_on and not cfg.scan_layers:
+        rows = (SharedPrefix(prefix, embedded),)
     x = constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), STREAM_AXES)
     length = x.shape[1]
     bias = attention_bias(mask, mask) + RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         name="relpos_bias")(length, length, bidirectional=True)
     layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout)
-    x = _stack(layer, cfg, cfg.num_encoder_layers, "layers", x, bias, enable_dropout)
+    x = _stack(layer, cfg, cfg.num_encoder_layers, "layers", x, bias, enable_dropout,
+               first_layer_args=rows)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), mask
 

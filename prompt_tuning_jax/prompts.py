@@ -121,20 +121,25 @@ class PromptInput(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, prompt_ids: Optional[jax.Array] = None,
-               prompt_lengths: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """`[batch, T, E]`, `[batch, T]` -> `[batch, T + P, E]`, `[batch, T + P]`.
+               prompt_lengths: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """`[batch, T, E]`, `[batch, T]` -> `[batch, T + P, E]`, `[batch, T + P]`, and the shared prefix.
 
     With a bank, `prompt_ids` `[batch]` picks each row's prompt and `prompt_lengths` `[batch]` gives
-    its real length (default: all `length` positions).
+    its real length (default: all `length` positions). The shared prefix is the prompt `[1, P, E]`
+    when every row starts with all of it (one prompt, combined as a whole prefix), else None.
     """
     cfg = self.config
     prompt = Prompt(cfg.length, cfg.init, cfg.bank_size, name="prompt")(x.shape[-1]).astype(self.dtype)
+    shared = None
     if cfg.bank_size is None:
       if prompt_ids is not None:
         raise ValueError("prompt_ids need a prompt bank: build the model with PromptConfig(bank_size=N).")
+      if cfg.combine == "prefix" and prompt_lengths is None:
+        shared = prompt[None]
       prompt = jnp.broadcast_to(prompt, (x.shape[0],) + prompt.shape)
     else:
       if prompt_ids is None:
         raise ValueError("A prompt bank needs prompt_ids [batch] naming each example's prompt.")
       prompt = jnp.take(prompt, prompt_ids, axis=0)
-    return _COMBINE[cfg.combine](prompt, x, mask, prompt_lengths)
+    return _COMBINE[cfg.combine](prompt, x, mask, prompt_lengths) + (shared,)

@@ -1,4 +1,6 @@
 """The Flax T5 and its prompt hook: parameter names and axes, prompt placement, masks, dtypes."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -101,6 +103,46 @@ def test_prompt_is_just_extra_input_positions(tiny_config, tiny_params):
                                                   TARGETS))(plain_params)
   np.testing.assert_allclose(np.asarray(logits)[TARGETS > 0], np.asarray(expected_logits)[TARGETS > 0],
                              atol=1e-5)
+
+
+def test_first_layer_with_the_prompt_as_a_shared_prefix_equals_the_full_rows():
+  """`EncoderLayer` given its rows also as a `SharedPrefix` computes the same output and prompt gradient."""
+  cfg = config.t5_config("t5_1_1", "tiny", vocab_size=64, emb_dim=8, num_heads=3, head_dim=4,
+                         mlp_dim=16)
+  layer = network.EncoderLayer(cfg)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  prefix = jax.random.normal(keys[0], (1, 3, 8))
+  rest = jax.random.normal(keys[1], (2, 5, 8))
+  bias = jax.random.normal(keys[2], (2, 3, 8, 8))
+  rows = lambda p: jnp.concatenate([jnp.broadcast_to(p, (2, 3, 8)), rest], axis=1)
+  params = layer.init(keys[3], rows(prefix), bias)
+  full = lambda p: layer.apply(params, rows(p), bias)
+  shared = lambda p: layer.apply(params, rows(p), bias, False, network.SharedPrefix(p, rest))
+  np.testing.assert_allclose(jax.jit(shared)(prefix), jax.jit(full)(prefix), rtol=1e-5, atol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(f(p)))))(prefix)
+  np.testing.assert_allclose(grad(shared), grad(full), rtol=1e-4, atol=1e-5)
+
+
+def test_a_single_prefix_prompt_is_projected_once_and_input_rows_take_no_input_gradient():
+  """In the compiled prompt gradient, the first layer's query kernel multiplies the prompt once for the
+  batch and the input rows forward only; its input gradient is the prompt's alone, `[P, embed]`."""
+  cfg = config.t5_config("t5_1_1", "tiny", vocab_size=64, emb_dim=8, num_heads=3, head_dim=4,
+                         mlp_dim=16)
+  model = network.T5(cfg, prompts.PromptConfig(3))
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), INPUTS, DECODER_INPUTS))["params"]
+
+  def loss(prompt, params, inputs):
+    logits = model.apply({"params": _with_prompt(params, prompt)}, inputs, DECODER_INPUTS, TARGETS)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+  hlo = jax.jit(jax.grad(loss)).lower(params["encoder"]["prompt"]["prompt"]["prompt"], params,
+                                      INPUTS).compile().as_text()
+  shapes = sorted(tuple(int(n) for n in re.search(r"f32\[([\d,]+)\]\S* dot\(", line)[1].split(","))
+                  for line in hlo.splitlines()
+                  if " dot(" in line and "layers_0/attention/query/dot_general" in line)
+  batch, length = INPUTS.shape
+  # Forward: the prompt [3, heads * kv] once, the inputs [batch * length, heads * kv]; backward:
+  # [3, embed]. Without the shared prefix: [batch * (length + 3), ...] both ways.
+  assert shapes == sorted([(3, 12), (batch * length, 12), (3, cfg.emb_dim)])
 
 
 def _combine(mode, prompt, x, mask):
