@@ -68,15 +68,17 @@ def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) ->
 
 @contextlib.contextmanager
 def textbook_attention():
-  """Within it, every attention projects its keys and values (T5 as written, as PEFT runs it): the
-  model's FLOPs, without our cross-attention reassociation (`network.attends_through_inputs`).
+  """Within it, every attention projects its queries, keys and values for every example (T5 as
+  written, as PEFT runs it): the model's FLOPs, without our cross-attention reassociation
+  (`network.attends_through_inputs`) or the prompt projected once (`network.projects_prefix_once`).
   Steps must be traced inside it (a fresh `jax.jit`)."""
   from prompt_tuning_jax import network  # pylint: disable=g-import-not-at-top
-  reassociate, network.attends_through_inputs = network.attends_through_inputs, lambda *_: False
+  saved = network.attends_through_inputs, network.projects_prefix_once
+  network.attends_through_inputs = network.projects_prefix_once = lambda *_: False
   try:
     yield
   finally:
-    network.attends_through_inputs = reassociate
+    network.attends_through_inputs, network.projects_prefix_once = saved
 
 
 def t5_config(**overrides):

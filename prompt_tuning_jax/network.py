@@ -176,6 +176,13 @@ def attends_through_inputs(query_length: int, key_length: int, embed: int, head_
   return q * (k * e + e * d - k * d) < k * e * d
 
 
+def projects_prefix_once(config: T5Config, dropout_on: bool) -> bool:
+  """Whether the first encoder layer takes a single prompt prefix as a `SharedPrefix`: not while
+  dropout is on (it makes the prompt's rows differ per example), nor with scanned layers (one layer is
+  traced for all)."""
+  return not dropout_on and not config.scan_layers
+
+
 def attention_chunks(config: T5Config, batch: int) -> int:
   """`config.attention_chunks`, or its backend default (2 on CPU, else 1); 1 if it does not divide
   `batch`."""
@@ -414,8 +421,7 @@ class Encoder(nn.Module):
     if self.prompt_config is not None:
       x, mask, prefix = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
           x, mask, prompt_ids, prompt_lengths)
-      dropout_on = enable_dropout and cfg.dropout_rate > 0
-      if prefix is not None and not dropout_on and not cfg.scan_layers:
+      if prefix is not None and projects_prefix_once(cfg, enable_dropout and cfg.dropout_rate > 0):
         rows = (SharedPrefix(prefix, embedded),)
     x = constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout), STREAM_AXES)
     length = x.shape[1]
