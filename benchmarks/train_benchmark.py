@@ -11,13 +11,14 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
     layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages,
-    and with huge pages and freed memory kept.
+    and with huge pages and freed memory kept; gperftools' tcmalloc, where the system has it.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
 neither framework's thread pools disturb the other; every result records the load average. Both sides'
 children start with the glibc huge-page tunable that our command-line tools restart with
 (`prompt_tuning_jax.xla_cpu`), where this machine takes it.
 """
 import argparse
+import ctypes.util
 import json
 import os
 import platform
@@ -239,6 +240,9 @@ KEEP_REMAT = (f"{YNN_OFF} {xla_cpu.DISABLED_PASSES_FLAG}=cse_barrier_expander,"
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
 KEEP_FREED_MEMORY = ":".join([xla_cpu.HUGE_PAGES_TUNABLE, "glibc.malloc.mmap_max=0",
                               f"glibc.malloc.trim_threshold={2**40}", "glibc.malloc.arena_max=1"])
+# gperftools' tcmalloc (Debian and Ubuntu: libtcmalloc-minimal4), where the system has it: it keeps
+# what a step frees for the next step, in all threads, without one arena's lock.
+TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 OPTIONS = {
     "float32": dict(),
     # glibc's default: XLA:CPU's temporaries page-faulted in 4 KiB at a time in every step.
@@ -246,6 +250,7 @@ OPTIONS = {
     # Huge pages, and glibc keeps what it frees in one arena: no page is zeroed again, but every
     # thread's malloc takes the same lock.
     "huge pages, freed memory kept": dict(env={"GLIBC_TUNABLES": KEEP_FREED_MEMORY}),
+    **({"tcmalloc": dict(env={"LD_PRELOAD": TCMALLOC})} if TCMALLOC else {}),
     # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's, and
     # attention in one batch chunk.
     "Eigen dots": dict(xla_flags=common.EIGEN_DOTS_FLAG),
