@@ -400,8 +400,9 @@ class Encoder(nn.Module):
   """Embeds tokens, lets the prompt hook extend them, and runs the encoder stack.
 
   A single prompt in front of every input (`prompts.PromptInput`'s shared prefix) reaches the first
-  layer also as a `SharedPrefix`, unless dropout is on or layers are scanned: its query, key and value
-  are projected once, not once per example, and the frozen input rows' projections take no gradient.
+  layer also as a `SharedPrefix` where `projects_prefix_once`: its query, key and value are projected
+  once, not once per example, and the input rows, which do not depend on the prompt, send no input
+  gradient back through that layer's projections unless the embedding itself trains.
   """
   config: T5Config
   embedder: Embed
@@ -428,7 +429,7 @@ class Encoder(nn.Module):
     bias = attention_bias(mask, mask) + RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         name="relpos_bias")(length, length, bidirectional=True)
-    layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout)
+    layer = _remat(EncoderLayer, cfg, static_argnums=(3,))  # (self, x, bias, enable_dropout, rows)
     x = _stack(layer, cfg, cfg.num_encoder_layers, "layers", x, bias, enable_dropout,
                first_layer_args=rows)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
