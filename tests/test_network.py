@@ -105,10 +105,9 @@ def test_prompt_is_just_extra_input_positions(tiny_config, tiny_params):
                              atol=1e-5)
 
 
-def test_first_layer_with_the_prompt_as_a_shared_prefix_equals_the_full_rows():
+def test_first_layer_with_the_prompt_as_a_shared_prefix_equals_the_full_rows(tiny_config):
   """`EncoderLayer` given its rows also as a `SharedPrefix` computes the same output and prompt gradient."""
-  cfg = config.t5_config("t5_1_1", "tiny", vocab_size=64, emb_dim=8, num_heads=3, head_dim=4,
-                         mlp_dim=16)
+  cfg = tiny_config.replace(num_heads=3)  # heads * kv = 12, apart from embed = 8
   layer = network.EncoderLayer(cfg)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   prefix = jax.random.normal(keys[0], (1, 3, 8))
@@ -123,11 +122,11 @@ def test_first_layer_with_the_prompt_as_a_shared_prefix_equals_the_full_rows():
   np.testing.assert_allclose(grad(shared), grad(full), rtol=1e-4, atol=1e-5)
 
 
-def test_a_single_prefix_prompt_is_projected_once_and_input_rows_take_no_input_gradient():
+def test_a_single_prefix_prompt_is_projected_once_and_input_rows_take_no_input_gradient(
+    tiny_config):
   """In the compiled prompt gradient, the first layer's query kernel multiplies the prompt once for the
   batch and the input rows forward only; its input gradient is the prompt's alone, `[P, embed]`."""
-  cfg = config.t5_config("t5_1_1", "tiny", vocab_size=64, emb_dim=8, num_heads=3, head_dim=4,
-                         mlp_dim=16)
+  cfg = tiny_config.replace(num_heads=3)  # heads * kv = 12, apart from embed = 8
   model = network.T5(cfg, prompts.PromptConfig(3))
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), INPUTS, DECODER_INPUTS))["params"]
 
