@@ -11,8 +11,9 @@ T5 1.1 Small shape (random weights), float32, batch 32, a 100-position prompt, t
     each batch to its longest example;
   - greedy decoding of 8 and 32 tokens on the fixed shapes (no early stop): ours is
     `decoding.greedy_decode` under `jax.jit`, PyTorch is the PEFT model's `generate`.
-Each side runs in its own child process, started with the glibc huge-page tunable our tools restart
-with (`prompt_tuning_jax.xla_cpu`); every result records the load average.
+Each side runs in its own child process, started as our tools restart (`xla_cpu.tool_environ`:
+tcmalloc and glibc's huge-page tunable, where this machine has them), ours running its steps inline as
+the tools do; every result records the load average.
 """
 import argparse
 import json
@@ -166,11 +167,11 @@ WORKERS = {"ours": ours, "pytorch": pytorch, "ours_rte": ours_rte, "pytorch_rte"
 
 
 def run_worker(name: str, **kwargs) -> dict[str, Any]:
-  """`WORKERS[name](**kwargs)` in a child process with our tools' glibc tunable; its JSON."""
+  """`WORKERS[name](**kwargs)` in a child process in our tools' process conditions; its JSON."""
   done = subprocess.run(
       [sys.executable, "-m", "benchmarks.inference_benchmark", "--worker", name, "--worker_args",
        json.dumps(kwargs)], capture_output=True, text=True, check=True,
-      env=xla_cpu.host_huge_pages_environ() or os.environ)
+      env=xla_cpu.host_tool_environ() or os.environ)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -185,6 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
+    xla_cpu.run_steps_inline()  # as our tools run
     print(json.dumps(WORKERS[args.worker](**json.loads(args.worker_args))))
     return 0
   results = {name: run_worker(name, steps=args.steps) for name in ("ours", "pytorch")}

@@ -184,7 +184,7 @@ def table(result: dict[str, Any]) -> str:
 def run_child(steps: int, top: int) -> dict[str, Any]:
   """`profile` in a child process with the trace flag and the benchmarks' process conditions."""
   from prompt_tuning_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-  env = dict(xla_cpu.host_huge_pages_environ() or os.environ)
+  env = dict(xla_cpu.host_tool_environ() or os.environ)
   # With oneDNN's dots (`xla_cpu.dot_compiler_options`) the trace's spans came out too short (the dots
   # at 857 GFLOP/s of wall, twice the peak: nothing marks when their work ends), so the profile is of
   # the step with Eigen's dots.

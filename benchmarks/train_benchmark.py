@@ -10,15 +10,15 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
     (the best, at the start and the end) and over a peak measured just before each pair;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
-    layers and their compile time at 24 + 24 layers; glibc's default malloc without huge pages,
-    and with huge pages and freed memory kept; gperftools' tcmalloc, where the system has it.
+    layers and their compile time at 24 + 24 layers; glibc's malloc, with and without huge pages, as
+    against gperftools' tcmalloc; JAX's asynchronous CPU dispatch.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
 neither framework's thread pools disturb the other; every result records the load average. Both sides'
-children start with the glibc huge-page tunable that our command-line tools restart with
-(`prompt_tuning_jax.xla_cpu`), where this machine takes it.
+children start as our command-line tools restart (`xla_cpu.tool_environ`: tcmalloc and glibc's
+huge-page tunable, where this machine has them), and ours run their steps inline as the tools do
+(`xla_cpu.run_steps_inline`).
 """
 import argparse
-import ctypes.util
 import json
 import os
 import platform
@@ -215,13 +215,13 @@ WORKERS = {"matmul": common.jax_matmul_peak, "ours_fixed": ours_fixed, "peft_fix
 
 
 def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[str, str]] = None,
-               **kwargs) -> dict[str, Any]:
-  """Runs `WORKERS[name](**kwargs)` in a child process (with `XLA_FLAGS` and `env` if given); returns
-  its JSON."""
+               async_dispatch: bool = False, **kwargs) -> dict[str, Any]:
+  """Runs `WORKERS[name](**kwargs)` in a child process (with `XLA_FLAGS` and `env` if given, and
+  JAX's asynchronous CPU dispatch if `async_dispatch`); returns its JSON."""
   command = [sys.executable, "-m", "benchmarks.train_benchmark", "--worker", name,
-             "--worker_args", json.dumps(kwargs)]
-  # The process conditions our tools run in (glibc's huge pages), for both sides alike.
-  child_env = dict(xla_cpu.host_huge_pages_environ() or os.environ, **(env or {}))
+             "--worker_args", json.dumps(kwargs), *(["--async_dispatch"] if async_dispatch else [])]
+  # The process conditions our tools run in (tcmalloc, glibc's huge pages), for both sides alike.
+  child_env = dict(xla_cpu.host_tool_environ() or os.environ, **(env or {}))
   if xla_flags is not None:
     child_env["XLA_FLAGS"] = xla_flags
   done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
@@ -238,19 +238,15 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
 KEEP_REMAT = (f"{YNN_OFF} {xla_cpu.DISABLED_PASSES_FLAG}=cse_barrier_expander,"
               f"{xla_cpu.CPU_FLAGS[xla_cpu.DISABLED_PASSES_FLAG]}")
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
-KEEP_FREED_MEMORY = ":".join([xla_cpu.HUGE_PAGES_TUNABLE, "glibc.malloc.mmap_max=0",
-                              f"glibc.malloc.trim_threshold={2**40}", "glibc.malloc.arena_max=1"])
-# gperftools' tcmalloc (Debian and Ubuntu: libtcmalloc-minimal4), where the system has it: it keeps
-# what a step frees for the next step, in all threads, without one arena's lock.
-TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 OPTIONS = {
     "float32": dict(),
-    # glibc's default: XLA:CPU's temporaries page-faulted in 4 KiB at a time in every step.
-    "no huge pages": dict(env={"GLIBC_TUNABLES": ""}),
-    # Huge pages, and glibc keeps what it frees in one arena: no page is zeroed again, but every
-    # thread's malloc takes the same lock.
-    "huge pages, freed memory kept": dict(env={"GLIBC_TUNABLES": KEEP_FREED_MEMORY}),
-    **({"tcmalloc": dict(env={"LD_PRELOAD": TCMALLOC})} if TCMALLOC else {}),
+    # What the tools' process conditions (`xla_cpu.tool_environ`) change: the system's malloc
+    # instead of tcmalloc, with and without glibc's huge pages; JAX's default asynchronous dispatch
+    # (the step's temporaries freed on a worker thread), with tcmalloc and with glibc, as before.
+    "glibc malloc": dict(env={"LD_PRELOAD": ""}),
+    "glibc malloc, no huge pages": dict(env={"LD_PRELOAD": "", "GLIBC_TUNABLES": ""}),
+    "asynchronous dispatch": dict(async_dispatch=True),
+    "glibc malloc, asynchronous dispatch": dict(env={"LD_PRELOAD": ""}, async_dispatch=True),
     # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's, and
     # attention in one batch chunk.
     "Eigen dots": dict(xla_flags=common.EIGEN_DOTS_FLAG),
@@ -409,8 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="measure nothing: recompute the summary of --output's results, print its table")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   parser.add_argument("--worker_args", default="{}", help=argparse.SUPPRESS)
+  parser.add_argument("--async_dispatch", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
+    if not args.async_dispatch:
+      xla_cpu.run_steps_inline()
     print(json.dumps(WORKERS[args.worker](**json.loads(args.worker_args))))
     return 0
   if args.quick:

@@ -1,6 +1,6 @@
 """Importing the package turns off XLA:CPU's YNNPACK fusions and its tree reduction rewriter, unless the
 user set those flags; the steps of large products compile with oneDNN's dots on AVX-512 CPUs; our
-tools restart themselves with glibc's huge-page malloc."""
+tools restart themselves with tcmalloc and glibc's huge-page malloc, and run their steps inline."""
 import os
 import subprocess
 import sys
@@ -118,21 +118,70 @@ def test_huge_pages_environ():
     assert xla_cpu.huge_pages_environ(environ, glibc, thp) is None
 
 
+def test_tool_environ_adds_tcmalloc_unless_preloading_already_or_told_not_to():
+  glibc, thp, tcmalloc = (2, 36), "madvise", "libtcmalloc_minimal.so.4"
+  assert xla_cpu.tool_environ({"A": "1"}, glibc, thp, tcmalloc) == {
+      "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": tcmalloc}
+  assert xla_cpu.tool_environ({}, None, thp, tcmalloc) == {"LD_PRELOAD": tcmalloc}
+  assert xla_cpu.tool_environ({}, glibc, thp, None) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert xla_cpu.tool_environ({"LD_PRELOAD": "libjemalloc.so.2"}, glibc, thp, tcmalloc) == {
+      "LD_PRELOAD": "libjemalloc.so.2", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert xla_cpu.tool_environ({"PROMPT_TUNING_JAX_TCMALLOC": "0"}, glibc, thp, tcmalloc) == {
+      "PROMPT_TUNING_JAX_TCMALLOC": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  # What a restarted tool sees: nothing left to add, so it does not restart again.
+  started = xla_cpu.tool_environ({}, glibc, thp, tcmalloc)
+  assert xla_cpu.tool_environ(started, glibc, thp, tcmalloc) is None
+  assert xla_cpu.tool_environ({"PROMPT_TUNING_JAX_TCMALLOC": "0", "PROMPT_TUNING_JAX_HUGE_PAGES": "0"},
+                              glibc, thp, tcmalloc) is None
+
+
 def _run_tool(**env):
   environ = {k: v for k, v in os.environ.items()
-             if k not in ("GLIBC_TUNABLES", "PROMPT_TUNING_JAX_HUGE_PAGES")}
+             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "PROMPT_TUNING_JAX_HUGE_PAGES",
+                          "PROMPT_TUNING_JAX_TCMALLOC")}
   environ.update(env, PYTHONPATH=str(REPO_ROOT))
   return subprocess.run([sys.executable, "-m", "prompt_tuning_jax.inspect", "--help"], env=environ,
                         capture_output=True, text=True, check=True, timeout=300)
 
 
-@pytest.mark.skipif(xla_cpu.host_huge_pages_environ({}) is None,
-                    reason="needs glibc 2.35+ and transparent huge pages in madvise mode")
-def test_a_tool_restarts_once_with_huge_pages_unless_told_not_to():
+@pytest.mark.skipif(xla_cpu.host_tool_environ({}) is None,
+                    reason="needs tcmalloc, or glibc 2.35+ with transparent huge pages on request")
+def test_a_tool_restarts_once_with_its_allocator_settings_unless_told_not_to():
   done = _run_tool()
-  assert done.stderr.count("restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
+  environ = xla_cpu.host_tool_environ({})
+  added = " ".join(f"{k}={environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in environ)
+  assert done.stderr.count("prompt_tuning_jax: restarting with") == 1
+  assert f"restarting with {added} (" in done.stderr
   assert "usage: prompt-tuning-inspect" in done.stdout  # its arguments came through the restart
-  assert "restarting" not in _run_tool(PROMPT_TUNING_JAX_HUGE_PAGES="0").stderr
+  assert "restarting" not in _run_tool(PROMPT_TUNING_JAX_HUGE_PAGES="0",
+                                       PROMPT_TUNING_JAX_TCMALLOC="0").stderr
+
+
+DISPATCH_PROBE = """
+import sys
+{as_tool}
+import prompt_tuning_jax
+from jax._src import xla_bridge
+print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
+"""
+
+
+def test_a_tool_runs_its_steps_inline_and_a_library_user_dispatches_as_jax_does():
+  environ = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PROMPT_TUNING_JAX_HUGE_PAGES="0",
+                 PROMPT_TUNING_JAX_TCMALLOC="0")  # nothing to restart for
+
+  def async_dispatch(as_tool: bool) -> str:
+    code = DISPATCH_PROBE.format(as_tool="sys.orig_argv = [sys.executable, '-m', "
+                                 "'prompt_tuning_jax.train']" if as_tool else "")
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                          check=True, timeout=300).stdout.strip()
+  assert async_dispatch(as_tool=True) == "False"
+  assert async_dispatch(as_tool=False) == "True"
+
+
+def test_run_steps_inline_changes_nothing_once_a_backend_started():
+  jnp.zeros(1).block_until_ready()
+  assert xla_cpu.run_steps_inline() is False
 
 
 @pytest.mark.parametrize("reported, expected", [
