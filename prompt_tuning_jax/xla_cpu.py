@@ -34,8 +34,9 @@ gperftools' tcmalloc, removes the faults altogether (the kernel's share of the s
 of it zeroing pages, was 7% on the Zen 5 machine), provided the next step's temporaries are
 allocated only after the last step's are freed. JAX's CPU client runs a computation on a worker
 thread by default, and frees its temporaries there after the caller has seen its results, so the next
-step's allocation sometimes came first and tcmalloc then held two sets (5.3 GiB instead of 3.1). `run_steps_inline` has the client run
-each single-device computation in the calling thread, freeing its temporaries before it returns.
+step's allocation sometimes came first and tcmalloc then held two sets (5.3 GiB instead of 3.1).
+`run_steps_inline` has the client run each single-device computation in the calling thread, freeing
+its temporaries before it returns.
 glibc reads tunables and the loader reads `LD_PRELOAD` only at start-up, so when one of our
 command-line tools (`prompt-tuning-*`, `python -m prompt_tuning_jax.<tool>`) imports the package it
 runs itself again with both (`tool_environ`): tcmalloc where the system has it
