@@ -370,14 +370,14 @@ def table(results: dict[str, Any]) -> str:
        f"{results['ours_rte']['compile_s']:.1f}"),
       ("matmul peak GFLOP/s (f32)", f"{s['matmul_peak_gflops']:.0f}"),
       ("model GFLOP | MFU ours | PEFT",
-       f"{results['flops']['model_flops'] / 1e9:.0f} | {s['ours_mfu']:.0%} | {s['peft_mfu']:.0%}"),
+       f"{results['flops']['model_flops'] / 1e9:.0f} | {s['ours_mfu']:.1%} | {s['peft_mfu']:.1%}"),
       *([] if "ours_mfu_by_pair" not in s else [
           ("each pair's own peak GFLOP/s",
            " ".join(f"{g:.0f}" for g in s["pair_peaks_gflops"])),
           ("MFU over each pair's own peak: ours per pair | median, PEFT median",
-           f"{' '.join(f'{m:.0%}' for m in s['ours_mfu_by_pair'])} | "
-           f"{s['ours_mfu_pair_median']:.0%}, {s['peft_mfu_pair_median']:.0%}")]),
-      ("our step's GFLOP (XLA) | HFU ours", f"{ours['flops'] / 1e9:.0f} | {s['ours_hfu']:.0%}"),
+           f"{' '.join(f'{m:.1%}' for m in s['ours_mfu_by_pair'])} | "
+           f"{s['ours_mfu_pair_median']:.1%}, {s['peft_mfu_pair_median']:.1%}")]),
+      ("our step's GFLOP (XLA) | HFU ours", f"{ours['flops'] / 1e9:.0f} | {s['ours_hfu']:.1%}"),
       ("FLOPs frozen / all trainable",
        f"{results['flops']['prompt_only'] / 1e9:.0f} / {results['flops']['all_trainable'] / 1e9:.0f}"
        f" = {s['frozen_over_trainable_flops']:.2f}"),
