@@ -36,16 +36,15 @@ allocated only after the last step's are freed. JAX's CPU client runs a computat
 thread by default, and frees its temporaries there after the caller has seen its results, so the next
 step's allocation sometimes came first and tcmalloc then held two sets (5.3 GiB instead of 3.1).
 `run_steps_inline` has the client run each single-device computation in the calling thread, freeing
-its temporaries before it returns.
-glibc reads tunables and the loader reads `LD_PRELOAD` only at start-up, so when one of our
-command-line tools (`prompt-tuning-*`, `python -m prompt_tuning_jax.<tool>`) imports the package it
-runs itself again with both (`tool_environ`): tcmalloc where the system has it
-(`libtcmalloc_minimal`, Debian and Ubuntu's `libtcmalloc-minimal4`) and `LD_PRELOAD` is not already
-set, and the huge-page tunable on glibc 2.35+ whose huge pages are on request (`madvise`, the common
-default); then it runs its steps inline (`prepare_tool_process`). `PROMPT_TUNING_JAX_TCMALLOC=0` keeps
-the system's malloc, `PROMPT_TUNING_JAX_HUGE_PAGES=0` (or any `glibc.malloc.hugetlb` tunable) keeps
-glibc's pages as they are. A library user sets these variables themselves before starting Python, and
-calls `run_steps_inline()` before JAX computes anything.
+its temporaries before it returns. glibc reads tunables and the loader reads `LD_PRELOAD` only at
+start-up, so when one of our command-line tools (`prompt-tuning-*`, `python -m
+prompt_tuning_jax.<tool>`) imports the package it runs itself again with both (`tool_environ`):
+tcmalloc where the system has it (`libtcmalloc_minimal`, Debian and Ubuntu's `libtcmalloc-minimal4`)
+and `LD_PRELOAD` is not already set, and the huge-page tunable on glibc 2.35+ whose huge pages are
+on request (`madvise`, the common default); then it runs its steps inline (`prepare_tool_process`).
+`PROMPT_TUNING_JAX_TCMALLOC=0` keeps the system's malloc, `PROMPT_TUNING_JAX_HUGE_PAGES=0` (or any
+`glibc.malloc.hugetlb` tunable) keeps glibc's pages as they are. A library user sets these variables
+themselves before starting Python, and calls `run_steps_inline()` before JAX computes anything.
 """
 import ctypes.util
 import functools
