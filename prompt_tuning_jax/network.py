@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_tuning_jax import prompts
+from prompt_tuning_jax import attention, prompts
 from prompt_tuning_jax.config import T5Config
 
 # Added to attention logits where attention is not allowed (T5X's value).
@@ -224,8 +224,8 @@ class MultiHeadAttention(nn.Module):
   target positions), the same products are associated the other way: logits are
   `(query @ key_kernel^T) @ inputs_kv^T` and the output `(weights @ inputs_kv) @ value_kernel`, so keys
   and values over the long input are never formed. The parameters and the result are the same.
-  Otherwise, without a cache, the core (logits, softmax, context) runs in `attention_chunks` batch
-  chunks.
+  Otherwise the core (logits, softmax, context: `attention.dot_product_attention`) runs, without a
+  cache, in `attention_chunks` batch chunks.
   """
   config: T5Config
   cross: bool = False
@@ -294,11 +294,13 @@ class MultiHeadAttention(nn.Module):
         bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
 
     def attend(query, key, value, bias):
-      logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype),
-                          key.astype(logits_dtype))
-      weights = dropout(jax.nn.softmax(logits + bias.astype(logits_dtype), axis=-1).astype(cfg.dtype))
-      weights = constrain(weights, ("batch", "heads", "length", None))
-      return jnp.einsum(f"bhqk,{kv_axes}->bqhd", weights, value)
+      dropout_scale = None
+      if enable_dropout and cfg.dropout_rate > 0:  # 1 / keep where a weight is kept, as `dropout`
+        shape = (query.shape[0], cfg.num_heads, query.shape[1], key.shape[kv_axes.index("k")])
+        dropout_scale = constrain(dropout(jnp.ones(shape, cfg.dtype)),
+                                  ("batch", "heads", "length", None))
+      return attention.dot_product_attention(query, key, value, bias, dropout_scale, kv_axes=kv_axes,
+                                             logits_dtype=logits_dtype)
 
     chunks = 1 if decode else attention_chunks(cfg, query.shape[0])
     out = over_batch_chunks(attend, chunks, query, key, value, bias)

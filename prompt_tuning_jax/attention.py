@@ -1,0 +1,86 @@
+"""The attention core, `softmax(query . key + bias) . value`, with a backward pass written out.
+
+Differentiated as written, a softmax keeps its normalised weights `[batch, heads, q, k]` for the backward
+pass and sums `d_weights * weights` over every key to get its input gradient. `dot_product_attention`
+computes the same values and gradients in fewer passes over those `[q, k]` arrays, as flash attention
+does (Dao et al., 2022): the forward pass divides the context `[batch, q, heads, kv]` by the softmax
+sums instead of dividing the weights, and the backward pass reads that sum off the context,
+`sum_k(d_weights * weights) = sum_kv(d_context * context)`. Both hold with dropout on the weights.
+On the T5 1.1 Small prompt-tuning step on 2 CPU cores (`benchmarks/train_benchmark.py`) the step ran
+about 2.5% faster (steps of both programs alternating in one process).
+"""
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array,
+                          dropout_scale: Optional[jax.Array] = None, *, kv_axes: str = "bkhd",
+                          logits_dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """Attention of `[batch, q, heads, kv]` queries over keys and values laid out as `kv_axes` (`bkhd`:
+  `[batch, k, heads, kv]`, or `bhkd`), with `bias` broadcastable to `[batch, heads, q, k]` added to the
+  logits; returns `[batch, q, heads, kv]` in the values' dtype.
+
+  Logits and softmax are computed in `logits_dtype`. `dropout_scale` (`[batch, heads, q, k]`, `1 / keep`
+  where a weight is kept and 0 where it is dropped) multiplies the softmax weights.
+  """
+  if kv_axes not in ("bkhd", "bhkd"):
+    raise ValueError(f"kv_axes={kv_axes!r}: use 'bkhd' or 'bhkd'.")
+  return _attention(kv_axes, jnp.dtype(logits_dtype), query, key, value, bias, dropout_scale)
+
+
+def _per_query(x: jax.Array) -> jax.Array:
+  """`[batch, heads, q]` -> `[batch, q, heads, 1]`, to scale a context row by row."""
+  return jnp.swapaxes(x, 1, 2)[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(kv_axes, logits_dtype, query, key, value, bias, dropout_scale):
+  return _forward(kv_axes, logits_dtype, query, key, value, bias, dropout_scale)[0]
+
+
+def _forward(kv_axes, logits_dtype, query, key, value, bias, dropout_scale):
+  """The context and what the backward pass needs: the unnormalised weights `[batch, heads, q, k]`
+  and one over their sums `[batch, heads, q]`."""
+  logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
+  logits = logits + bias.astype(logits_dtype)
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  inverse_sum = 1.0 / jnp.sum(unnormalised, axis=-1)
+  kept = _dropped(unnormalised, dropout_scale)
+  context = jnp.einsum(f"bhqk,{kv_axes}->bqhd", kept.astype(value.dtype), value)
+  context = (context * _per_query(inverse_sum)).astype(value.dtype)
+  return context, (query, key, value, bias, dropout_scale, unnormalised, inverse_sum, context)
+
+
+def _backward(kv_axes, logits_dtype, residuals, d_context):
+  query, key, value, bias, dropout_scale, unnormalised, inverse_sum, context = residuals
+  # sum_k(d_weights * weights) per query, read off the context: [batch, heads, q].
+  d_sum = jnp.swapaxes(jnp.sum(d_context.astype(logits_dtype) * context.astype(logits_dtype), -1), 1, 2)
+  d_weights = _dropped(jnp.einsum(f"bqhd,{kv_axes}->bhqk", d_context, value).astype(logits_dtype),
+                       dropout_scale)
+  d_logits = unnormalised * inverse_sum[..., None] * (d_weights - d_sum[..., None])
+  d_query = jnp.einsum(f"bhqk,{kv_axes}->bqhd", d_logits.astype(key.dtype), key)
+  d_key = jnp.einsum(f"bhqk,bqhd->{kv_axes}", d_logits.astype(query.dtype), query)
+  kept = _dropped(unnormalised, dropout_scale)
+  d_value = jnp.einsum(f"bhqk,bqhd->{kv_axes}", kept.astype(value.dtype),
+                       (d_context * _per_query(inverse_sum)).astype(value.dtype))
+  d_scale = None if dropout_scale is None else jnp.zeros_like(dropout_scale)
+  return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
+          _sum_to_shape(d_logits, bias.shape).astype(bias.dtype), d_scale)
+
+
+def _dropped(weights: jax.Array, dropout_scale: Optional[jax.Array]) -> jax.Array:
+  return weights if dropout_scale is None else weights * dropout_scale.astype(weights.dtype)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`x` summed over the axes along which `shape` was broadcast to `x.shape`."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and x.shape[lead + i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+_attention.defvjp(_forward, _backward)

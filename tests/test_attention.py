@@ -1,0 +1,91 @@
+"""`attention.dot_product_attention` against JAX's own attention and a softmax differentiated by JAX."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prompt_tuning_jax import attention
+
+BATCH, Q, K, HEADS, KV = 2, 5, 7, 3, 4
+
+
+def _inputs(bias_shape, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  query = jax.random.normal(keys[0], (BATCH, Q, HEADS, KV))
+  key = jax.random.normal(keys[1], (BATCH, K, HEADS, KV))
+  value = jax.random.normal(keys[2], (BATCH, K, HEADS, KV))
+  bias = jax.random.normal(keys[3], bias_shape)
+  d_context = jax.random.normal(keys[4], (BATCH, Q, HEADS, KV))
+  return query, key, value, bias, d_context
+
+
+def _reference(query, key, value, bias, dropout_scale=None):
+  """Softmax attention as written (logits, softmax, dropout, context), differentiated by JAX."""
+  weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", query, key) + bias, axis=-1)
+  if dropout_scale is not None:
+    weights = weights * dropout_scale
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def _value_and_grads(fn, query, key, value, bias, d_context):
+  """`fn`'s output and the gradients of `<output, d_context>` for query, key, value and bias, jitted."""
+  def run(query, key, value, bias):
+    out, vjp = jax.vjp(fn, query, key, value, bias)
+    return out, vjp(d_context)
+  return jax.jit(run)(query, key, value, bias)
+
+
+@pytest.mark.parametrize("bias_shape", [(BATCH, HEADS, Q, K), (1, HEADS, Q, K), (BATCH, 1, Q, K), (Q, K)])
+def test_values_and_gradients_match_jax_attention(bias_shape):
+  query, key, value, bias, d_context = _inputs(bias_shape)
+  ours, our_grads = _value_and_grads(attention.dot_product_attention, query, key, value, bias, d_context)
+  # JAX's own implementation (no 1/sqrt(kv) scaling in T5), [batch, length, heads, kv] as ours.
+  theirs, their_grads = _value_and_grads(
+      lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=jnp.broadcast_to(
+          b, (BATCH, HEADS, Q, K)), scale=1.0, implementation="xla"),
+      query, key, value, bias, d_context)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  for name, mine, other in zip(("query", "key", "value", "bias"), our_grads, their_grads):
+    assert mine.shape == other.shape, name
+    np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_dropout_scale_matches_dropout_on_the_weights():
+  query, key, value, bias, d_context = _inputs((1, HEADS, Q, K), seed=1)
+  keep = jax.random.bernoulli(jax.random.PRNGKey(7), 0.6, (BATCH, HEADS, Q, K))
+  scale = jnp.where(keep, 1 / 0.6, 0.0)
+  ours = _value_and_grads(lambda *a: attention.dot_product_attention(*a, scale), query, key, value, bias,
+                          d_context)
+  theirs = _value_and_grads(lambda *a: _reference(*a, scale), query, key, value, bias, d_context)
+  for mine, other in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+    np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
+
+
+def test_head_major_keys_and_masked_rows():
+  """Keys and values as `[batch, heads, k, kv]` (a decoding cache's layout), and a query row whose keys
+  are all masked: finite, the average of the values, as a softmax over equal logits gives."""
+  query, key, value, bias, d_context = _inputs((BATCH, HEADS, Q, K), seed=2)
+  bias = bias.at[:, :, 0, :].set(-1e10)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  ours, our_grads = _value_and_grads(
+      lambda q, k, v, b: attention.dot_product_attention(q, heads_first(k), heads_first(v), b,
+                                                         kv_axes="bhkd"),
+      query, key, value, bias, d_context)
+  theirs, their_grads = _value_and_grads(_reference, query, key, value, bias, d_context)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours[:, 0], value.mean(axis=1), rtol=1e-5, atol=1e-5)
+  for mine, other in zip(our_grads, their_grads):
+    assert np.all(np.isfinite(mine))
+    np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
+
+
+def test_dtypes():
+  """bfloat16 inputs: logits and softmax in `logits_dtype`, the context in the values' dtype."""
+  query, key, value, bias, _ = _inputs((1, HEADS, Q, K), seed=3)
+  low = [x.astype(jnp.bfloat16) for x in (query, key, value)]
+  out = jax.jit(attention.dot_product_attention)(*low, bias)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32), _reference(*low, bias).astype(np.float32),
+                             rtol=5e-2, atol=5e-2)
+  with pytest.raises(ValueError, match="kv_axes"):
+    attention.dot_product_attention(query, key, value, bias, kv_axes="bqhd")
