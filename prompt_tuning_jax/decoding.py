@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from prompt_tuning_jax import losses
 from prompt_tuning_jax.network import CROSS_CACHE, T5
 
 NEG_INF = -1e10
@@ -73,7 +74,7 @@ def temperature_sample(model: T5, params, encoder_input_tokens: jax.Array, rng: 
     logits, cache = _step(model, params, cache, encoded, encoded_mask, last, max_decode_length)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if temperature == 0.0:
-      chosen = jnp.argmax(logits, axis=-1)
+      chosen = losses.predicted_tokens(logits)
     else:
       rng, key = jax.random.split(rng)
       chosen = jax.random.categorical(key, _filter_logits(logits / temperature, top_k, top_p))

@@ -60,7 +60,7 @@ def _loss_and_metrics(model: T5, params, batch: Batch, loss_config: LossConfig,
   loss, z_loss = losses.weighted_cross_entropy(
       logits, batch["decoder_target_tokens"], weights, label_smoothing=loss_config.label_smoothing,
       z_loss=loss_config.z_loss, loss_normalizing_factor=normalizer)
-  correct = jnp.sum((jnp.argmax(logits, -1) == batch["decoder_target_tokens"]) * weights)
+  correct = jnp.sum((losses.predicted_tokens(logits) == batch["decoder_target_tokens"]) * weights)
   metrics = {"loss": loss, "z_loss": z_loss, "correct_tokens": correct,
              "real_tokens": jnp.sum(weights),
              "examples": jnp.asarray(batch["decoder_target_tokens"].shape[0], jnp.float32)}

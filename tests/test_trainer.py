@@ -186,6 +186,20 @@ def test_cross_entropy_matches_optax_and_adds_z_loss():
     losses.normalizing_factor("tokens", weights)
 
 
+def test_predicted_tokens_are_jax_argmax_with_its_ties_and_nans():
+  rs = np.random.RandomState(1)
+  logits = rs.normal(size=(4, 3, 50)).astype(np.float32)
+  logits[0, 0] = 0.0  # all tied: the first
+  logits[0, 1, [5, 9, 30]] = 10.0  # a tie at the top: the first of them
+  logits[1, 2, [7, 20]] = np.nan  # NaN: the first NaN, as jnp.argmax
+  logits[2, 0, 3] = -np.inf
+  logits[3, 1] = -np.inf
+  ours = jax.jit(losses.predicted_tokens)(jnp.asarray(logits))
+  assert ours.dtype == jnp.int32
+  np.testing.assert_array_equal(ours, jnp.argmax(jnp.asarray(logits), -1))
+  assert ours[0, 0] == 0 and ours[0, 1] == 5 and ours[1, 2] == 7 and ours[3, 1] == 0
+
+
 def test_adafactor_step_offset_reproduces_t5x_decay():
   """With step_offset, the second-moment decay is that of T5X resuming at 1.1M steps."""
   grads = {"p": jnp.ones((2, 3))}
