@@ -7,7 +7,8 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
   - real data: SuperGLUE RTE train tokenised with the T5 vocabulary; PEFT pads each random batch to its
     longest example, ours batches within a few length buckets (one compiled shape per bucket);
   - MFU: XLA's FLOPs per step over step time, over a float32 matmul peak measured in the same run
-    (the best, at the start and the end) and over a peak measured just before each pair;
+    (the best of all its measurements: at the start, before each pair, at the end) and over the peak
+    measured just before each pair;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
     layers and their compile time at 24 + 24 layers; glibc's malloc, with and without huge pages, as
@@ -283,7 +284,8 @@ def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool
             pairs: int) -> dict[str, Any]:
   results: dict[str, Any] = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(),
                                              processor=platform.processor())}
-  # The run's peak: the best of both dot backends, measured before and after the steps.
+  # The run's peak: the best of the dot backends, measured before and after the steps (and before
+  # each pair, below).
   results["matmul_peak"] = matmul_peaks()
   # Ours and PEFT alternate `pairs` times: this machine's speed drifts by 10-20% over minutes, so
   # the fixed-shape ratio is the median of the pairs' ratios, each from neighbouring runs. Each pair
@@ -307,7 +309,9 @@ def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
   """Ratios, throughput and MFU from the measurements in `results`."""
-  peak = max(_best_flops_per_s(results[key]) for key in ("matmul_peak", "matmul_peak_end"))
+  # The run's peak: the best of every peak it measured, at the start, before each pair and at the end.
+  peak = max(_best_flops_per_s(peaks) for peaks in [results["matmul_peak"], results["matmul_peak_end"],
+                                                    *results.get("pair_peaks", [])])
   # MFU counts the model's FLOPs (forward and input gradients of textbook T5, the same for both
   # sides); HFU counts the FLOPs our compiled step really executes, fewer after the reassociation.
   model_flops = results["flops"]["model_flops"]
