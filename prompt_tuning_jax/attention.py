@@ -72,6 +72,7 @@ def _backward(kv_axes, logits_dtype, residuals, d_context):
 
 
 def _dropped(weights: jax.Array, dropout_scale: Optional[jax.Array]) -> jax.Array:
+  """`weights` `[batch, heads, q, k]` after dropout: times `dropout_scale` where one is given."""
   return weights if dropout_scale is None else weights * dropout_scale.astype(weights.dtype)
 
 
