@@ -223,7 +223,8 @@ class MultiHeadAttention(nn.Module):
   Without a cache, and when `attends_through_inputs` says it costs less (cross-attention from a few
   target positions), the same products are associated the other way: logits are
   `(query @ key_kernel^T) @ inputs_kv^T` and the output `(weights @ inputs_kv) @ value_kernel`, so keys
-  and values over the long input are never formed. The parameters and the result are the same.
+  and values over the long input are never formed (`attention.attention_over_inputs`). The parameters
+  and the result are the same.
   Otherwise the core (logits, softmax, context: `attention.dot_product_attention`) runs, without a
   cache, in `attention_chunks` batch chunks.
   """
@@ -243,7 +244,15 @@ class MultiHeadAttention(nn.Module):
     split = lambda x: constrain(x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim)),
                                 ("batch", "length", "heads", "kv"))
     logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
-    dropout = lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=not enable_dropout)
+
+    def dropout_scale(shape, axes):
+      """The softmax weights' dropout as a factor `shape` (1 / keep where a weight is kept, else 0), or
+      None without dropout."""
+      if not (enable_dropout and cfg.dropout_rate > 0):
+        return None
+      return constrain(nn.Dropout(cfg.dropout_rate)(jnp.ones(shape, cfg.dtype), deterministic=False),
+                       axes)
+
     output = Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")
     query = split(dense("query", query_init)(inputs_q))
 
@@ -255,12 +264,11 @@ class MultiHeadAttention(nn.Module):
       inputs_kv = inputs_kv.astype(cfg.dtype)
       query_in_inputs = constrain(jnp.einsum("bqhd,ehd->bqhe", query, key_kernel),
                                   ("batch", "length", "heads", "embed"))
-      logits = jnp.einsum("bqhe,bke->bqhk", query_in_inputs.astype(logits_dtype),
-                          inputs_kv.astype(logits_dtype))
-      bias = jnp.swapaxes(bias, 1, 2).astype(logits_dtype)  # [batch|1, q, heads|1, k]
-      weights = dropout(jax.nn.softmax(logits + bias, axis=-1).astype(cfg.dtype))
-      weights = constrain(weights, ("batch", "length", "heads", None))
-      context = jnp.einsum("bqhk,bke->bqhe", weights, inputs_kv)
+      scale = dropout_scale((query.shape[0], inputs_kv.shape[1], query.shape[1], cfg.num_heads),
+                            ("batch", None, "length", "heads"))  # the logits' [batch, k, q, heads]
+      context = attention.attention_over_inputs(
+          query_in_inputs, inputs_kv, jnp.transpose(bias, (0, 3, 2, 1)), scale,
+          logits_dtype=logits_dtype)
       out = jnp.einsum("bqhe,ehd->bqhd", context, value_kernel)
       return output(out.reshape(inputs_q.shape[:2] + (joined,)))
 
@@ -294,12 +302,9 @@ class MultiHeadAttention(nn.Module):
         bias = bias + jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_BIAS)[None, None, None, :]
 
     def attend(query, key, value, bias):
-      dropout_scale = None
-      if enable_dropout and cfg.dropout_rate > 0:  # 1 / keep where a weight is kept, as `dropout`
-        shape = (query.shape[0], cfg.num_heads, query.shape[1], key.shape[kv_axes.index("k")])
-        dropout_scale = constrain(dropout(jnp.ones(shape, cfg.dtype)),
-                                  ("batch", "heads", "length", None))
-      return attention.dot_product_attention(query, key, value, bias, dropout_scale, kv_axes=kv_axes,
+      scale = dropout_scale((query.shape[0], cfg.num_heads, query.shape[1],
+                             key.shape[kv_axes.index("k")]), ("batch", "heads", "length", None))
+      return attention.dot_product_attention(query, key, value, bias, scale, kv_axes=kv_axes,
                                              logits_dtype=logits_dtype)
 
     chunks = 1 if decode else attention_chunks(cfg, query.shape[0])

@@ -89,3 +89,75 @@ def test_dtypes():
                              rtol=5e-2, atol=5e-2)
   with pytest.raises(ValueError, match="kv_axes"):
     attention.dot_product_attention(query, key, value, bias, kv_axes="bqhd")
+
+
+EMBED = 6
+
+
+def _over_inputs_inputs(bias_shape, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  query = jax.random.normal(keys[0], (BATCH, Q, HEADS, EMBED))
+  inputs = jax.random.normal(keys[1], (BATCH, K, EMBED))
+  bias = jax.random.normal(keys[2], bias_shape)
+  d_context = jax.random.normal(keys[3], (BATCH, Q, HEADS, EMBED))
+  return query, inputs, bias, d_context
+
+
+def _over_inputs_reference(query, inputs, bias, dropout_scale=None):
+  """Softmax over the keys of `[batch, k, q, heads]` logits, differentiated by JAX."""
+  weights = jax.nn.softmax(jnp.einsum("bqhe,bke->bkqh", query, inputs) + bias, axis=1)
+  if dropout_scale is not None:
+    weights = weights * dropout_scale
+  return jnp.einsum("bkqh,bke->bqhe", weights, inputs)
+
+
+def _over_inputs_grads(fn, query, inputs, bias, d_context):
+  def run(query, inputs, bias):
+    out, vjp = jax.vjp(fn, query, inputs, bias)
+    return out, vjp(d_context)
+  return jax.jit(run)(query, inputs, bias)
+
+
+@pytest.mark.parametrize("bias_shape", [(BATCH, K, Q, HEADS), (BATCH, K, Q, 1), (1, K, Q, HEADS)])
+def test_over_inputs_matches_jax_attention(bias_shape):
+  """Against `jax.nn.dot_product_attention` with the inputs as every head's keys and values: the
+  inputs' gradient is the sum of the keys' and the values' over heads."""
+  query, inputs, bias, d_context = _over_inputs_inputs(bias_shape)
+  ours, our_grads = _over_inputs_grads(attention.attention_over_inputs, query, inputs, bias,
+                                       d_context)
+
+  def theirs_fn(query, inputs, bias):
+    per_head = jnp.broadcast_to(inputs[:, :, None, :], (BATCH, K, HEADS, EMBED))
+    bias = jnp.transpose(jnp.broadcast_to(bias, (BATCH, K, Q, HEADS)), (0, 3, 2, 1))
+    return jax.nn.dot_product_attention(query, per_head, per_head, bias=bias, scale=1.0,
+                                        implementation="xla")
+
+  theirs, their_grads = _over_inputs_grads(theirs_fn, query, inputs, bias, d_context)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  for name, mine, other in zip(("query", "inputs", "bias"), our_grads, their_grads):
+    assert mine.shape == other.shape, name
+    np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_over_inputs_dropout_masked_rows_and_dtypes():
+  """Dropout against the softmax differentiated by JAX; a query whose keys are all masked is finite
+  (the mean of the inputs); bfloat16 inputs give a bfloat16 context."""
+  query, inputs, bias, d_context = _over_inputs_inputs((BATCH, K, Q, 1), seed=4)
+  bias = bias.at[:, :, 0].set(-1e10)
+  keep = jax.random.bernoulli(jax.random.PRNGKey(8), 0.7, (BATCH, K, Q, HEADS))
+  scale = jnp.where(keep, 1 / 0.7, 0.0)
+  ours = _over_inputs_grads(lambda *a: attention.attention_over_inputs(*a, scale), query, inputs,
+                            bias, d_context)
+  theirs = _over_inputs_grads(lambda *a: _over_inputs_reference(*a, scale), query, inputs, bias,
+                              d_context)
+  for mine, other in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+    assert np.all(np.isfinite(mine))
+    np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
+  plain = jax.jit(attention.attention_over_inputs)(query, inputs, bias)
+  mean = np.broadcast_to(inputs.mean(axis=1)[:, None], (BATCH, HEADS, EMBED))
+  np.testing.assert_allclose(plain[:, 0], mean, rtol=1e-5, atol=1e-5)
+  low = [x.astype(jnp.bfloat16) for x in (query, inputs)]
+  out = jax.jit(attention.attention_over_inputs)(*low, bias)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32),
+                             _over_inputs_reference(*low, bias).astype(np.float32), rtol=5e-2, atol=5e-2)
