@@ -39,9 +39,12 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, bi
   return _attention(kv_axes, jnp.dtype(logits_dtype), query, key, value, bias, dropout_scale)
 
 
-def _per_query(x: jax.Array) -> jax.Array:
-  """`[batch, heads, q]` -> `[batch, q, heads, 1]`, to scale a context row by row."""
-  return jnp.swapaxes(x, 1, 2)[..., None]
+def _queries_first(x: jax.Array) -> jax.Array:
+  """`[batch, heads, q, kv]` -> `[batch, q, heads, kv]`. The products over the keys that give a row per
+  query (the context and the queries' gradient) are written with heads first and transposed after:
+  XLA then runs them as `[q, k] x [k, kv]` products rather than transposed ones, `[kv, k] x [k, q]`,
+  which oneDNN ran at 2/3 of the speed."""
+  return jnp.swapaxes(x, 1, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -57,8 +60,8 @@ def _forward(kv_axes, logits_dtype, query, key, value, bias, dropout_scale):
   unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   inverse_sum = 1.0 / jnp.sum(unnormalised, axis=-1)
   kept = _dropped(unnormalised, dropout_scale)
-  context = jnp.einsum(f"bhqk,{kv_axes}->bqhd", kept.astype(value.dtype), value)
-  context = (context * _per_query(inverse_sum)).astype(value.dtype)
+  context = jnp.einsum(f"bhqk,{kv_axes}->bhqd", kept.astype(value.dtype), value)
+  context = _queries_first((context * inverse_sum[..., None]).astype(value.dtype))
   return context, (query, key, value, bias, dropout_scale, unnormalised, inverse_sum, context)
 
 
@@ -69,11 +72,11 @@ def _backward(kv_axes, logits_dtype, residuals, d_context):
   d_weights = _dropped(jnp.einsum(f"bqhd,{kv_axes}->bhqk", d_context, value).astype(logits_dtype),
                        dropout_scale)
   d_logits = unnormalised * inverse_sum[..., None] * (d_weights - d_sum[..., None])
-  d_query = jnp.einsum(f"bhqk,{kv_axes}->bqhd", d_logits.astype(key.dtype), key)
+  d_query = _queries_first(jnp.einsum(f"bhqk,{kv_axes}->bhqd", d_logits.astype(key.dtype), key))
   d_key = jnp.einsum(f"bhqk,bqhd->{kv_axes}", d_logits.astype(query.dtype), query)
   kept = _dropped(unnormalised, dropout_scale)
   d_value = jnp.einsum(f"bhqk,bqhd->{kv_axes}", kept.astype(value.dtype),
-                       (d_context * _per_query(inverse_sum)).astype(value.dtype))
+                       (d_context * _queries_first(inverse_sum[..., None])).astype(value.dtype))
   d_scale = None if dropout_scale is None else jnp.zeros_like(dropout_scale)
   return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
           _sum_to_shape(d_logits, bias.shape).astype(bias.dtype), d_scale)
