@@ -27,12 +27,15 @@ def _reference(query, key, value, bias, dropout_scale=None):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-def _value_and_grads(fn, query, key, value, bias, d_context):
-  """`fn`'s output and the gradients of `<output, d_context>` for query, key, value and bias, jitted."""
-  def run(query, key, value, bias):
-    out, vjp = jax.vjp(fn, query, key, value, bias)
+def _value_and_grads(fn, *inputs_and_d_context):
+  """`fn`'s output on all but the last argument, and the gradients of `<output, last argument>` for
+  each of them, jitted."""
+  *inputs, d_context = inputs_and_d_context
+
+  def run(*inputs):
+    out, vjp = jax.vjp(fn, *inputs)
     return out, vjp(d_context)
-  return jax.jit(run)(query, key, value, bias)
+  return jax.jit(run)(*inputs)
 
 
 @pytest.mark.parametrize("bias_shape", [(BATCH, HEADS, Q, K), (1, HEADS, Q, K), (BATCH, 1, Q, K), (Q, K)])
@@ -111,19 +114,12 @@ def _over_inputs_reference(query, inputs, bias, dropout_scale=None):
   return jnp.einsum("bkqh,bke->bqhe", weights, inputs)
 
 
-def _over_inputs_grads(fn, query, inputs, bias, d_context):
-  def run(query, inputs, bias):
-    out, vjp = jax.vjp(fn, query, inputs, bias)
-    return out, vjp(d_context)
-  return jax.jit(run)(query, inputs, bias)
-
-
 @pytest.mark.parametrize("bias_shape", [(BATCH, K, Q, HEADS), (BATCH, K, Q, 1), (1, K, Q, HEADS)])
 def test_over_inputs_matches_jax_attention(bias_shape):
   """Against `jax.nn.dot_product_attention` with the inputs as every head's keys and values: the
   inputs' gradient is the sum of the keys' and the values' over heads."""
   query, inputs, bias, d_context = _over_inputs_inputs(bias_shape)
-  ours, our_grads = _over_inputs_grads(attention.attention_over_inputs, query, inputs, bias,
+  ours, our_grads = _value_and_grads(attention.attention_over_inputs, query, inputs, bias,
                                        d_context)
 
   def theirs_fn(query, inputs, bias):
@@ -132,7 +128,7 @@ def test_over_inputs_matches_jax_attention(bias_shape):
     return jax.nn.dot_product_attention(query, per_head, per_head, bias=bias, scale=1.0,
                                         implementation="xla")
 
-  theirs, their_grads = _over_inputs_grads(theirs_fn, query, inputs, bias, d_context)
+  theirs, their_grads = _value_and_grads(theirs_fn, query, inputs, bias, d_context)
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
   for name, mine, other in zip(("query", "inputs", "bias"), our_grads, their_grads):
     assert mine.shape == other.shape, name
@@ -146,9 +142,9 @@ def test_over_inputs_dropout_masked_rows_and_dtypes():
   bias = bias.at[:, :, 0].set(-1e10)
   keep = jax.random.bernoulli(jax.random.PRNGKey(8), 0.7, (BATCH, K, Q, HEADS))
   scale = jnp.where(keep, 1 / 0.7, 0.0)
-  ours = _over_inputs_grads(lambda *a: attention.attention_over_inputs(*a, scale), query, inputs,
+  ours = _value_and_grads(lambda *a: attention.attention_over_inputs(*a, scale), query, inputs,
                             bias, d_context)
-  theirs = _over_inputs_grads(lambda *a: _over_inputs_reference(*a, scale), query, inputs, bias,
+  theirs = _value_and_grads(lambda *a: _over_inputs_reference(*a, scale), query, inputs, bias,
                               d_context)
   for mine, other in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
     assert np.all(np.isfinite(mine))
