@@ -57,9 +57,7 @@ def _forward(kv_axes, logits_dtype, query, key, value, bias, dropout_scale):
   """The context and what the backward pass needs: the unnormalised weights `[batch, heads, q, k]`
   and one over their sums `[batch, heads, q]`."""
   logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", query.astype(logits_dtype), key.astype(logits_dtype))
-  logits = logits + bias.astype(logits_dtype)
-  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  inverse_sum = 1.0 / jnp.sum(unnormalised, axis=-1)
+  unnormalised, inverse_sum = _softmax_parts(logits + bias.astype(logits_dtype), axis=-1)
   kept = _dropped(unnormalised, dropout_scale)
   context = jnp.einsum(f"bhqk,{kv_axes}->bhqd", kept.astype(value.dtype), value)
   context = _queries_first((context * inverse_sum[..., None]).astype(value.dtype))
@@ -81,6 +79,12 @@ def _backward(kv_axes, logits_dtype, residuals, d_context):
   d_scale = None if dropout_scale is None else jnp.zeros_like(dropout_scale)
   return (d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype),
           _sum_to_shape(d_logits, bias.shape).astype(bias.dtype), d_scale)
+
+
+def _softmax_parts(logits: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """The softmax over `axis` as `exp(logits - max)` and one over its sums (that axis dropped)."""
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=axis, keepdims=True))
+  return unnormalised, 1.0 / jnp.sum(unnormalised, axis=axis)
 
 
 def _dropped(weights: jax.Array, dropout_scale: Optional[jax.Array]) -> jax.Array:
@@ -118,9 +122,7 @@ def _over_inputs(logits_dtype, query, inputs, bias, dropout_scale):
 
 def _over_inputs_forward(logits_dtype, query, inputs, bias, dropout_scale):
   logits = jnp.einsum("bke,bqhe->bkqh", inputs.astype(logits_dtype), query.astype(logits_dtype))
-  logits = logits + bias.astype(logits_dtype)
-  unnormalised = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-  inverse_sum = 1.0 / jnp.sum(unnormalised, axis=1)  # [batch, q, heads]
+  unnormalised, inverse_sum = _softmax_parts(logits + bias.astype(logits_dtype), axis=1)
   kept = _dropped(unnormalised, dropout_scale).astype(inputs.dtype)
   context = jnp.einsum("bkqh,bke->bqhe", kept, inputs)
   context = (context * inverse_sum[..., None]).astype(inputs.dtype)

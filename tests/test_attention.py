@@ -1,4 +1,5 @@
-"""`attention.dot_product_attention` against JAX's own attention and a softmax differentiated by JAX."""
+"""`attention.dot_product_attention` and `attention.attention_over_inputs` against JAX's own attention
+and softmaxes differentiated by JAX."""
 import jax
 import jax.numpy as jnp
 import numpy as np
