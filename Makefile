@@ -14,8 +14,9 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The demo starts with the CPU opt-in environment (`python -m prompt_tuning_jax.xla_cpu`).
 demo: $(STAMP)
-	$(BIN)/python -m prompt_tuning_jax.demo
+	env $$($(BIN)/python -m prompt_tuning_jax.xla_cpu) $(BIN)/python -m prompt_tuning_jax.demo
 
 test: $(STAMP)
 	$(BIN)/pytest tests

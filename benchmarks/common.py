@@ -3,7 +3,6 @@
 Both sides build the same T5 1.1 shape with random weights: ours (`network.T5` plus a prompt, the
 trainer's compiled step) and Hugging Face's `T5ForConditionalGeneration` wrapped by PEFT prompt tuning.
 """
-import contextlib
 import json
 import os
 import resource
@@ -13,8 +12,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-# XLA_FLAGS that keep Eigen's dots where `xla_cpu.dot_compiler_options` would pick oneDNN's (the
-# user's flag wins).
+# XLA_FLAGS that keep Eigen's dots where `xla_cpu.dot_compiler_options` would pick oneDNN's (it
+# leaves out what the user's flags set).
 EIGEN_DOTS_FLAG = "--xla_cpu_use_onednn=false"
 SMALL = dict(vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
              num_encoder_layers=8, num_decoder_layers=8)
@@ -66,21 +65,6 @@ def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) ->
               median_flops_per_s=flops / timing["step_s"], load=timing["load_after"])
 
 
-@contextlib.contextmanager
-def textbook_attention():
-  """Within it, every attention projects its queries, keys and values for every example (T5 as
-  written, as PEFT runs it): the model's FLOPs, without our cross-attention reassociation
-  (`network.attends_through_inputs`) or the prompt projected once (`network.projects_prefix_once`).
-  Steps must be traced inside it (a fresh `jax.jit`)."""
-  from prompt_tuning_jax import network  # pylint: disable=g-import-not-at-top
-  saved = network.attends_through_inputs, network.projects_prefix_once
-  network.attends_through_inputs = network.projects_prefix_once = lambda *_: False
-  try:
-    yield
-  finally:
-    network.attends_through_inputs, network.projects_prefix_once = saved
-
-
 def t5_config(**overrides):
   """Our T5 1.1 Small-shaped config (random weights)."""
   from prompt_tuning_jax import config  # pylint: disable=g-import-not-at-top
@@ -88,12 +72,22 @@ def t5_config(**overrides):
 
 
 def small_model(prompt_length: int, **overrides):
-  """(our T5 1.1 Small-shaped model with a `prompt_length` prompt, its random params, unboxed)."""
+  """(our T5 1.1 Small-shaped model with a `prompt_length` prompt, its random params, unboxed).
+
+  `overrides` are `T5Config` or `ExecutionConfig` fields; the execution is resolved from `"auto"`
+  for JAX's default devices, as the command-line tools resolve it.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from prompt_tuning_jax import network, prompts  # pylint: disable=g-import-not-at-top
-  model = network.T5(t5_config(**overrides), prompts.PromptConfig(prompt_length))
+  from prompt_tuning_jax import config, network, prompts  # pylint: disable=g-import-not-at-top
+  execution_fields = {f.name for f in dataclasses.fields(config.ExecutionConfig)}
+  model_config = t5_config(**{k: v for k, v in overrides.items() if k not in execution_fields})
+  execution = config.ExecutionConfig(**{"attention": "auto", **{
+      k: v for k, v in overrides.items() if k in execution_fields}})
+  model = network.T5(model_config, prompts.PromptConfig(prompt_length),
+                     execution.for_platform(jax.devices()[0].platform, model_config))
   tokens = jnp.ones((1, 1), jnp.int32)
   return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
 

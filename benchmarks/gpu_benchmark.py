@@ -1,8 +1,10 @@
-"""Prompt-tuning train step on one GPU: T5 1.1 Small, Base and Large in bfloat16, with MFU.
+"""Prompt-tuning train step on one GPU: T5 1.1 Small, Base and Large in bfloat16, with MFU, for each
+attention implementation side by side (`--attention xla,cudnn`; `ExecutionConfig.attention`).
 
   PYTHONPATH=. python -m benchmarks.gpu_benchmark [--output benchmarks/results/gpu.json]
+      [--batch_sizes 32,128] [--attention xla,cudnn,cpu]
 
-Batch 32, inputs 128 + a 100-position prompt, targets 8, random weights, bfloat16 activations and
+Batch 32 (each of `--batch_sizes`), inputs 128 + a 100-position prompt, targets 8, random weights, bfloat16 activations and
 frozen weights (the prompt and its Adafactor state stay float32). MFU is the model's FLOPs per step
 (XLA's count of the textbook step, keys and values projected, `textbook_flops`) over the step time,
 over a bfloat16 matmul peak measured on the same card in the same run. The JSON's `flops` is the
@@ -10,10 +12,9 @@ compiled step's count by the card's XLA, which leaves out the GEMMs it hands to 
 the textbook count on an H200), so no HFU is printed. "step GiB" is the compiled step's arguments and
 temporaries (XLA's memory analysis); the JSON's `peak_bytes_in_use` is the process's peak so far, over
 every size measured before. "loop ms" is a step in a loop like `train`'s (numpy batches placed on
-the mesh, no tf.data): the next batch placed while the device runs the step, then the wait (`train`'s
-order on CPU); "old ms" waits first and places after, as `train` once did; "lag ms" waits for the
-loss of the step before, so the device always has the next step queued (`train`'s order on GPU and
-TPU). Each size's row is printed and the JSON rewritten as soon as it is measured, and a size that
+the mesh, no tf.data): the next batch placed while the device runs the step, then the wait; "old ms"
+waits first and places after; "lag ms" waits for the loss of the step before, so the device always
+has the next step queued (`train`'s order, on every backend). Each size's row is printed and the JSON rewritten as soon as it is measured, and a size that
 fails records its error and the run goes on; each stage (init, compile, steps, loops, FLOP count)
 prints its seconds to stderr as it ends. On an H200 the three sizes took under two minutes, most of it
 compiling (20-31 s a size) and the process's start.
@@ -32,10 +33,10 @@ import optax
 
 from benchmarks import common
 from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizers, partitioning,
-                               prompts, trainer)
+                               prompts, trainer, trees)
 
 INPUTS, PROMPT, TARGETS = 128, 100, 8
-HEADER = (f"{'size':<6} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} "
+HEADER = (f"{'size':<6} {'attention':<9} {'batch':>5} {'ex/s':>8} {'tok/s':>9} {'step ms':>8} {'compile s':>9} {'GFLOP':>8} "
           f"{'MFU':>5} {'step GiB':>8} {'loop ms':>7} {'old ms':>7} {'lag ms':>7}")
 
 
@@ -44,7 +45,7 @@ def initial_state(model: network.T5, optimizer,
   """The prompt's train state (float32, a normal `[prompt, embed]` prompt) and the frozen params, flat
   `{path: array}` in `model`'s layout, as a tree in bfloat16."""
   prompt = jax.random.normal(jax.random.PRNGKey(1), (PROMPT, model.config.emb_dim))
-  params = checkpoints.unflatten({**frozen, checkpoints.PROMPT_PATH: prompt})
+  params = trees.unflatten({**frozen, checkpoints.PROMPT_PATH: prompt})
   trainable, frozen = freezing.split(params, freezing.freeze_mask(params))
   frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), frozen)
   return trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0)), frozen
@@ -88,8 +89,8 @@ def loop_step_s(compiled, state, frozen, host_batches: Sequence[dict[str, Any]],
 
 def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   """The model's FLOPs per step: the train step of `size` with unscanned layers (XLA counts a loop's
-  body once) and every attention projecting keys and values (textbook T5,
-  `common.textbook_attention`), counted by XLA on the program lowered for the CPU backend from
+  body once) and the `"xla"` attention (textbook T5: every attention projects its keys and values),
+  counted by XLA on the program lowered for the CPU backend from
   abstract shapes: before XLA's passes, so the count does not depend on the card (GPU backends give no
   cost analysis for a lowered program, and their compiled count of our Small step is 0.63x XLA:CPU's)."""
   model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16), prompts.PromptConfig(PROMPT))
@@ -97,13 +98,13 @@ def textbook_flops(size: str, batch: dict[str, Any]) -> float:
   shapes = {name: jax.ShapeDtypeStruct(shape, jnp.float32)
             for name, shape in checkpoints.param_shapes(model.config).items()}
   state, frozen = jax.eval_shape(functools.partial(initial_state, model, optimizer), shapes)
-  with common.textbook_attention():
-    step = compile_step(model, optimizer, state, frozen,
-                        partitioning.make_mesh((1, 1), jax.devices("cpu")[:1]))
-    return step.lower(state, frozen, batch).cost_analysis()["flops"]
+  step = compile_step(model, optimizer, state, frozen,
+                      partitioning.make_mesh((1, 1), jax.devices("cpu")[:1]))
+  return step.lower(state, frozen, batch).cost_analysis()["flops"]
 
 
-def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -> dict[str, Any]:
+def measure(size: str, steps: int, batch_size: int,
+            execution: config.ExecutionConfig) -> dict[str, Any]:
   """Compile time, median step time, FLOPs and memory of the bfloat16 train step of one size. Each
   stage's end goes to stderr with its seconds, so a run cut short shows where its time went."""
   begin = time.perf_counter()
@@ -111,15 +112,15 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
 
   def done(stage: str, start: float) -> float:
     stage_s[stage] = time.perf_counter() - start
-    print(f"  {size}: {stage} {stage_s[stage]:.1f} s (size so far {time.perf_counter() - begin:.1f} s)",
+    print(f"  {size} {execution.attention} {batch_size}: {stage} {stage_s[stage]:.1f} s (size so far {time.perf_counter() - begin:.1f} s)",
           file=sys.stderr, flush=True)
     return time.perf_counter()
 
-  model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16, scan_layers=scan_layers),
-                     prompts.PromptConfig(PROMPT))
+  model = network.T5(config.t5_config("t5_1_1", size, dtype=jnp.bfloat16),
+                     prompts.PromptConfig(PROMPT), execution)
   optimizer = optimizers.prompt_tuning_adafactor()
   params = checkpoints.stack_layers(checkpoints.init_params(model.config, jax.random.PRNGKey(0)),
-                                    model.config)
+                                    execution.scan_layers)
   state, frozen = jax.block_until_ready(initial_state(model, optimizer, params))
   start = done("init", begin)
   mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
@@ -145,7 +146,8 @@ def measure(size: str, steps: int, batch_size: int, scan_layers: bool = False) -
   stats = jax.devices()[0].memory_stats() or {}
   model_flops = textbook_flops(size, batch)
   done("FLOP count on the CPU backend", start)
-  return dict(timing, size=size, batch_size=batch_size, scan_layers=scan_layers, loop_step_s=loop_s,
+  return dict(timing, size=size, batch_size=batch_size, attention=execution.attention,
+              scan_layers=execution.scan_layers, loop_step_s=loop_s,
               compile_s=stage_s["compile"], stage_s=stage_s, wall_s=time.perf_counter() - begin,
               flops=compiled.cost_analysis()["flops"], model_flops=model_flops,
               examples_per_s=batch_size / timing["step_s"],
@@ -159,7 +161,7 @@ def row(r: dict[str, Any], peak_flops_per_s: float) -> str:
   r["mfu"] = r["model_flops"] / r["step_s"] / peak_flops_per_s
   step_gib = (r["argument_bytes"] + r["temp_bytes"]) / 2**30
   loop = r["loop_step_s"]
-  return (f"{r['size']:<6} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
+  return (f"{r['size']:<6} {r['attention']:<9} {r['batch_size']:>5} {r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
           f"{r['compile_s']:9.1f} {r['model_flops'] / 1e9:8.0f} {r['mfu']:5.0%} "
           f"{step_gib:8.2f} {loop['place_then_wait'] * 1e3:7.1f} {loop['wait_then_place'] * 1e3:7.1f} "
           f"{loop['one_step_behind'] * 1e3:7.1f}")
@@ -169,8 +171,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="benchmarks/results/gpu.json")
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--batch_sizes", default="32", help="comma-separated global batch sizes")
   parser.add_argument("--sizes", default="small,base,large")
+  parser.add_argument("--attention", default="xla,cudnn",
+                      help="comma-separated attention implementations, each measured in turn")
   parser.add_argument("--scan_layers", action="store_true",
                       help="nn.scan over each stack's layers")
   parser.add_argument("--matmul_n", type=int, default=8192, help="side of the square peak matmul")
@@ -180,14 +184,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   results = dict(device=str(device.device_kind), matmul_peak=peak, sizes=[], failed={},
                  versions=dict(jax=jax.__version__, flax=flax.__version__, optax=optax.__version__))
   print(f"{device.device_kind}: bfloat16 matmul peak {peak['flops_per_s'] / 1e12:.1f} TFLOP/s "
-        f"(jax {jax.__version__}, flax {flax.__version__}); batch {args.batch_size}")
+        f"(jax {jax.__version__}, flax {flax.__version__})")
   print(HEADER, flush=True)
-  for size in args.sizes.split(","):
+  runs = [(size, attention, int(batch)) for size in args.sizes.split(",")
+          for batch in args.batch_sizes.split(",") for attention in args.attention.split(",")]
+  for size, attention, batch_size in runs:
+    name = f"{size} {attention} {batch_size}"
     try:
-      r = measure(size, args.steps, args.batch_size, args.scan_layers)
+      r = measure(size, args.steps, batch_size,
+                  config.ExecutionConfig(attention=attention, scan_layers=args.scan_layers))
     except Exception:  # pylint: disable=broad-except
-      results["failed"][size] = traceback.format_exc()
-      print(f"{size:<6} failed:\n{results['failed'][size]}", flush=True)
+      results["failed"][name] = traceback.format_exc()
+      print(f"{name} failed:\n{results['failed'][name]}", flush=True)
     else:
       results["sizes"].append(r)
       print(row(r, peak["flops_per_s"]), flush=True)

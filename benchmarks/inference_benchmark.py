@@ -11,9 +11,9 @@ T5 1.1 Small shape (random weights), float32, batch 32, a 100-position prompt, t
     each batch to its longest example;
   - greedy decoding of 8 and 32 tokens on the fixed shapes (no early stop): ours is
     `decoding.greedy_decode` under `jax.jit`, PyTorch is the PEFT model's `generate`.
-Each side runs in its own child process, started as our tools restart (`xla_cpu.tool_environ`:
-tcmalloc and glibc's huge-page tunable, where this machine has them), ours running its steps inline as
-the tools do; every result records the load average.
+Each side runs in its own child process, started with the CPU opt-in environment (`python -m
+prompt_tuning_jax.xla_cpu`: tcmalloc and glibc's huge-page tunable, where this machine has them),
+ours running its steps inline as the tools do; every result records the load average.
 """
 import argparse
 import json
@@ -167,7 +167,7 @@ WORKERS = {"ours": ours, "pytorch": pytorch, "ours_rte": ours_rte, "pytorch_rte"
 
 
 def run_worker(name: str, **kwargs) -> dict[str, Any]:
-  """`WORKERS[name](**kwargs)` in a child process in our tools' process conditions; its JSON."""
+  """`WORKERS[name](**kwargs)` in a child process with the CPU opt-in environment; its JSON."""
   done = subprocess.run(
       [sys.executable, "-m", "benchmarks.inference_benchmark", "--worker", name, "--worker_args",
        json.dumps(kwargs)], capture_output=True, text=True, check=True,

@@ -4,7 +4,7 @@
 
 Runs the fixed-shape step of `train_benchmark` (T5 1.1 Small shape, batch 32, 128 + 100 inputs, 8
 targets) under the JAX profiler with XLA:CPU's per-thunk trace (`--xla_cpu_enable_xprof_traceme`), in a
-child process started as the benchmark's are (glibc's huge pages) but with Eigen's dots (see
+child process started as the benchmark's are (the CPU opt-in environment) but with Eigen's dots (see
 `run_child`), and reads the trace back against the compiled program's HLO:
   - each op's span runs from its start to its completion (an `end: <op>` event for ops that finish
     asynchronously, as Eigen's multi-threaded dots do);
@@ -182,12 +182,12 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run_child(steps: int, top: int) -> dict[str, Any]:
-  """`profile` in a child process with the trace flag and the benchmarks' process conditions."""
+  """`profile` in a child process with the trace flag and the CPU opt-in environment."""
   from prompt_tuning_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   env = dict(xla_cpu.host_tool_environ() or os.environ)
   # With oneDNN's dots (`xla_cpu.dot_compiler_options`) the trace's spans came out too short (the dots
   # at 857 GFLOP/s of wall, twice the peak: nothing marks when their work ends), so the profile is of
-  # the step with Eigen's dots.
+  # the step with Eigen's dots (the flag in `XLA_FLAGS` keeps oneDNN out of the step's options).
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {TRACE_FLAG} {common.EIGEN_DOTS_FLAG}".strip()
   command = [sys.executable, "-m", "benchmarks.profile_step", "--child", "--steps", str(steps),
              "--top", str(top)]

@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from prompt_tuning_jax import (checkpoints, config, decoding, ensemble, prompts, scoring, serving,
-                               train, vocabularies, xla_cpu)
+from prompt_tuning_jax import (checkpoints, config, decoding, ensembling, prompts, scoring, serving,
+                               trees, vocabularies, xla_cpu)
 from prompt_tuning_jax.network import T5
 
 NUM_TASKS = 8
@@ -58,7 +58,7 @@ def run_config(name: str, model_config: config.T5Config, batch_size: int, input_
                prompt_length: int, decode_length: int, repeats: int) -> list[dict]:
   """Times every workload on one model; returns one row per (workload, setting)."""
   rng = np.random.RandomState(0)
-  frozen = checkpoints.unflatten(train.load_frozen_params(model_config, None))
+  frozen = trees.unflatten(checkpoints.load_frozen_params(model_config, None))
   inputs = rng.randint(3, 1000, size=(batch_size, input_length)).astype(np.int32)
   inputs[:, -1] = 1
   label_targets = np.array([[100, 101, 1, 0], [102, 1, 0, 0]], np.int32)  # two labels, with EOS
@@ -76,7 +76,7 @@ def run_config(name: str, model_config: config.T5Config, batch_size: int, input_
   ensemble_params = serving.with_prompt_bank(frozen, task_prompts[:ENSEMBLE_SIZE])
   ensemble_lengths = np.full(ENSEMBLE_SIZE, prompt_length, np.int32)
   ensemble_run = {
-      workload: jax.jit(functools.partial(ensemble.member_outputs, ensemble_model,
+      workload: jax.jit(functools.partial(ensembling.member_outputs, ensemble_model,
                                           max_decode_length=decode_length))
       for workload in ("score", "decode")}
 
@@ -115,7 +115,7 @@ def rte_requests(batch_size: int, prompt_length: int) -> list[dict]:
               for i, (text, _) in enumerate(common.rte_texts(common.RTE_VALIDATION))]
   labels = ("entailment", "not_entailment")
   model_config = config.t5_config("t5_1_1", "small")
-  frozen = train.load_frozen_params(model_config, None)
+  frozen = checkpoints.load_frozen_params(model_config, None)
   rng = np.random.RandomState(0)
   task_prompts = {task: rng.normal(size=(prompt_length, model_config.emb_dim))
                   for task in ("rte", "rte_paraphrase")}

@@ -11,12 +11,13 @@ T5 1.1 Small shape (random weights), float32, a 100-position prompt, prompt-only
     measured just before each pair;
   - FLOPs of the compiled step with frozen weights versus all parameters trainable;
   - memory options: bfloat16 activations and frozen weights, rematerialisation policies; scanned
-    layers and their compile time at 24 + 24 layers; glibc's malloc, with and without huge pages, as
-    against gperftools' tcmalloc; JAX's asynchronous CPU dispatch.
+    layers and their compile time at 24 + 24 layers; glibc's malloc, with huge pages and without the
+    opt-in environment at all, as against gperftools' tcmalloc; JAX's asynchronous CPU dispatch.
 Each measurement runs in its own child process, one after another, so peak RSS is per side and
 neither framework's thread pools disturb the other; every result records the load average. Both sides'
-children start as our command-line tools restart (`xla_cpu.tool_environ`: tcmalloc and glibc's
-huge-page tunable, where this machine has them), and ours run their steps inline as the tools do
+children start with the CPU opt-in environment (`python -m prompt_tuning_jax.xla_cpu`: tcmalloc and
+glibc's huge-page tunable, where this machine has them; the option row "no process opt-in (system
+malloc)" runs without it), and ours run their steps inline as the tools do
 (`xla_cpu.run_steps_inline`).
 """
 import argparse
@@ -36,12 +37,19 @@ from prompt_tuning_jax import xla_cpu
 
 BATCH, INPUTS, PROMPT, TARGETS = 32, 128, 100, 8
 TOKENS_PER_EXAMPLE = INPUTS + PROMPT + TARGETS
-YNN_OFF = f"{xla_cpu.YNN_FUSION_FLAG}={xla_cpu.CPU_FLAGS[xla_cpu.YNN_FUSION_FLAG]}"
-# Set explicitly: a child left without the flag imports the package, which turns YNNPACK off.
-YNN_DOTS = f"{xla_cpu.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT"
+
+
+def _xla_flags(options: dict[str, Any]) -> str:
+  """`compiler_options` written as `XLA_FLAGS`."""
+  return " ".join(f"--{name}={'true' if value is True else value}"
+                  for name, value in options.items())
+
+
+YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+YNN_OFF = _xla_flags({YNN_FUSIONS: xla_cpu.CPU_OPTIONS[YNN_FUSIONS]})
+YNN_DOTS = _xla_flags({YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT"})
 # oneDNN's dots, as `xla_cpu.dot_compiler_options` compiles our steps where the CPU has AVX-512.
-ONEDNN_DOTS = " ".join(f"--{name}={'true' if value is True else value}"
-                       for name, value in xla_cpu.ONEDNN_DOTS.items())
+ONEDNN_DOTS = _xla_flags({YNN_FUSIONS: xla_cpu.CPU_OPTIONS[YNN_FUSIONS], **xla_cpu.ONEDNN_DOTS})
 
 
 # ---- Ours. ----
@@ -136,15 +144,15 @@ def ours_rte(num_examples: int) -> dict[str, Any]:
 
 
 def flops_frozen_vs_trainable() -> dict[str, Any]:
-  """XLA's FLOPs of the compiled step: prompt-only versus every parameter trainable, and the model's
-  FLOPs (`model_flops`): the same step under `common.textbook_attention`."""
+  """XLA's FLOPs of the step with the `"xla"` attention (T5 as written: every attention projects its
+  keys and values for every example, as PEFT runs it): prompt-only, the model's FLOPs
+  (`model_flops`), versus every parameter trainable."""
   from prompt_tuning_jax import plan  # pylint: disable=g-import-not-at-top
   count = lambda patterns: plan.plan_train_step(
       common.t5_config(), PROMPT, BATCH, {"inputs": INPUTS, "targets": TARGETS}, (1, 1), "tpu_v3",
       trainable_patterns=patterns).flops_per_device
   flops = {"prompt_only": count(None), "all_trainable": count((".*",))}
-  with common.textbook_attention():
-    flops["model_flops"] = count(None)
+  flops["model_flops"] = flops["prompt_only"]
   return dict(flops, ratio=flops["prompt_only"] / flops["all_trainable"])
 
 
@@ -216,13 +224,14 @@ WORKERS = {"matmul": common.jax_matmul_peak, "ours_fixed": ours_fixed, "peft_fix
 
 
 def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[str, str]] = None,
-               async_dispatch: bool = False, **kwargs) -> dict[str, Any]:
-  """Runs `WORKERS[name](**kwargs)` in a child process (with `XLA_FLAGS` and `env` if given, and
-  JAX's asynchronous CPU dispatch if `async_dispatch`); returns its JSON."""
+               async_dispatch: bool = False, opt_in: bool = True, **kwargs) -> dict[str, Any]:
+  """Runs `WORKERS[name](**kwargs)` in a child process (with `XLA_FLAGS` and `env` if given, JAX's
+  asynchronous CPU dispatch if `async_dispatch`, and the CPU opt-in environment if `opt_in`);
+  returns its JSON."""
   command = [sys.executable, "-m", "benchmarks.train_benchmark", "--worker", name,
              "--worker_args", json.dumps(kwargs), *(["--async_dispatch"] if async_dispatch else [])]
-  # The process conditions our tools run in (tcmalloc, glibc's huge pages), for both sides alike.
-  child_env = dict(xla_cpu.host_tool_environ() or os.environ, **(env or {}))
+  # The opt-in process settings (tcmalloc, glibc's huge pages), for both sides alike.
+  child_env = dict((xla_cpu.host_tool_environ() if opt_in else None) or os.environ, **(env or {}))
   if xla_flags is not None:
     child_env["XLA_FLAGS"] = xla_flags
   done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env)
@@ -234,24 +243,27 @@ def run_worker(name: str, xla_flags: Optional[str] = None, env: Optional[dict[st
 
 
 # XLA:CPU expands jax.checkpoint's barriers early and CSE then undoes rematerialisation; the remat
-# options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`), and with the pass
-# the package skips (`xla_cpu.CPU_FLAGS`), as the other rows.
-KEEP_REMAT = (f"{YNN_OFF} {xla_cpu.DISABLED_PASSES_FLAG}=cse_barrier_expander,"
-              f"{xla_cpu.CPU_FLAGS[xla_cpu.DISABLED_PASSES_FLAG]}")
+# options compile as TPU and GPU do, with that pass skipped (see `plan.xla_flags`). A pass list in
+# `XLA_FLAGS` takes the place of the steps' own (`xla_cpu.dot_compiler_options`), so it names that
+# one too, as the other rows compile.
+KEEP_REMAT = _xla_flags({"xla_disable_hlo_passes": "cse_barrier_expander,"
+                         + xla_cpu.CPU_OPTIONS["xla_disable_hlo_passes"]})
 DEEP = {"num_encoder_layers": 24, "num_decoder_layers": 24}
 OPTIONS = {
     "float32": dict(),
-    # What the tools' process conditions (`xla_cpu.tool_environ`) change: the system's malloc
-    # instead of tcmalloc, with and without glibc's huge pages; JAX's default asynchronous dispatch
-    # (the step's temporaries freed on a worker thread), with tcmalloc and with glibc, as before.
+    # What the opt-in environment (`xla_cpu.host_tool_environ`) changes: the system's malloc
+    # instead of tcmalloc, with glibc's huge pages and without any of it (the default); JAX's
+    # default asynchronous dispatch (the step's temporaries freed on a worker thread), with
+    # tcmalloc and with glibc.
     "glibc malloc": dict(env={"LD_PRELOAD": ""}),
-    "glibc malloc, no huge pages": dict(env={"LD_PRELOAD": "", "GLIBC_TUNABLES": ""}),
+    "no process opt-in (system malloc)": dict(opt_in=False),
     "asynchronous dispatch": dict(async_dispatch=True),
     "glibc malloc, asynchronous dispatch": dict(env={"LD_PRELOAD": ""}, async_dispatch=True),
     # What the package's CPU defaults add, one at a time: Eigen's dots instead of oneDNN's, and
     # attention in one batch chunk.
     "Eigen dots": dict(xla_flags=common.EIGEN_DOTS_FLAG),
     "attention in one chunk": dict(config_overrides={"attention_chunks": 1}),
+    "attention 'xla' (T5X's)": dict(config_overrides={"attention": "xla"}),
     "bf16 activations": dict(config_overrides={"dtype": "bfloat16"}),
     "bf16 activations + frozen weights": dict(config_overrides={"dtype": "bfloat16"},
                                               frozen_dtype="bfloat16"),
@@ -270,7 +282,8 @@ OPTIONS = {
 
 def matmul_peaks() -> dict[str, Any]:
   """The float32 matmul peak of XLA:CPU's YNNPACK dots (jaxlib's default), of its Eigen dots and of
-  oneDNN's (what the package selects, see `prompt_tuning_jax/xla_cpu.py`), each in its own child."""
+  oneDNN's (what our steps compile with, see `prompt_tuning_jax/xla_cpu.py`), each in its own
+  child."""
   return {"ynn": run_worker("matmul", xla_flags=YNN_DOTS),
           "eigen": run_worker("matmul", xla_flags=YNN_OFF),
           "onednn": run_worker("matmul", xla_flags=ONEDNN_DOTS)}

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 
 def check_length_buckets(length_buckets: Sequence[int], input_length: int,
-                         name: str = "train.length_buckets",
+                         name: str = "DatasetConfig.length_buckets",
                          limit_name: str = "TASK_FEATURE_LENGTHS['inputs']") -> tuple[int, ...]:
   """The sorted buckets, with `input_length` as the last; names a bucket that cannot be used, and
   buckets on several hosts (each host would pick its own shapes). `name` is the setting, `limit_name`

@@ -2,9 +2,11 @@
 
 `load_checkpoint(path)` detects the format, infers or reads the architecture and returns
 `(T5Config, params)`, where `params` is the nested dict `network.T5(config)` expects (with
-`encoder/prompt/prompt/prompt` kept when the checkpoint holds a prompt). Every failure - a missing
-path, an unknown or corrupt format, a missing, extra or misshapen parameter - is one `CheckpointError`
-that says what is wrong and how to fix it.
+`encoder/prompt/prompt/prompt` kept when the checkpoint holds a prompt). `load_frozen_params` is
+what a run starts from: the frozen model of INITIAL_CHECKPOINT_PATH checked against the run's
+config, with T5X's assignment map, or a random model. Every failure - a missing path, an unknown or
+corrupt format, a missing, extra or misshapen parameter - is one `CheckpointError` that says what
+is wrong and how to fix it.
 
 Formats (the `format` names `detect_format` returns):
   - `t5x`: a T5X checkpoint: a `checkpoint_N/` directory (msgpack `checkpoint` file plus tensorstore
@@ -14,6 +16,7 @@ Formats (the `format` names `detect_format` returns):
 """
 import contextlib
 import functools
+import logging
 import os
 import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -27,7 +30,8 @@ from prompt_tuning_jax import hf_checkpoint
 from prompt_tuning_jax import network
 from prompt_tuning_jax import prompts
 from prompt_tuning_jax import t5x_checkpoint
-from prompt_tuning_jax.config import T5Config
+from prompt_tuning_jax.config import ExecutionConfig, T5Config
+from prompt_tuning_jax.trees import flatten, unflatten
 
 T5X = "t5x"
 HUGGINGFACE = "huggingface"
@@ -35,6 +39,8 @@ PROMPT_PATH = "encoder/prompt/prompt/prompt"
 # Not stored in a checkpoint's shapes; T5's default. The tiny test checkpoint uses 8.
 DEFAULT_MAX_DISTANCE = 128
 _MAX_REPORTED = 5  # of each kind: misshapen, missing, extra
+
+logger = logging.getLogger("prompt_tuning_jax")
 
 
 class CheckpointError(ValueError):
@@ -68,7 +74,7 @@ def read_config(path: str, relative_attention_max_distance: Optional[int] = None
 
 
 def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5Config] = None,
-                    relative_attention_max_distance: Optional[int] = None
+                    scan_layers: bool = False, relative_attention_max_distance: Optional[int] = None
                     ) -> tuple[T5Config, dict[str, Any]]:
   """Loads a T5X or Hugging Face T5 checkpoint.
 
@@ -78,13 +84,15 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
     dtype: the parameters' dtype (bfloat16 checkpoints are cast to float32 by default). An inferred
       config computes in it too (`T5Config.dtype`).
     config: load into this architecture instead of the checkpoint's own; every parameter must match.
+    scan_layers: stack each stack's layers (`stack_layers`) for a model built with
+      `ExecutionConfig(scan_layers=True)`.
     relative_attention_max_distance: the max distance of the inferred config. Shapes do not hold it:
       T5X checkpoints default to 128; Hugging Face ones take config.json's value unless this is set.
 
   Returns:
     (config, params): params is the nested dict of numpy arrays of `network.T5(config)` (plus
     `encoder/prompt/prompt/prompt` `[prompt_length, embed]` when the checkpoint holds a prompt);
-    layers are stacked (`stack_layers`) when `config.scan_layers` is set.
+    layers are stacked (`stack_layers`) when `scan_layers` is set.
 
   Raises:
     CheckpointError: the path is missing or not a checkpoint, the file is corrupt, or a parameter is
@@ -96,7 +104,7 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
   prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
   check_params(param_shapes(config, prompt_length), shapes, checkpoint=path)
   with _as_checkpoint_error(path):
-    return config, unflatten(stack_layers(read_arrays(dtype), config))
+    return config, unflatten(stack_layers(read_arrays(dtype), scan_layers))
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]],
@@ -133,9 +141,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]],
 
 def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[str, tuple[int, ...]]:
   """Flat `{param path: shape}` of `network.T5(config)` (with a prompt of `prompt_length`), in the
-  checkpoint layout (one `layers_{i}` per layer) also when `config.scan_layers` is set."""
+  checkpoint layout (one `layers_{i}` per layer)."""
   prompt_config = None if prompt_length is None else prompts.PromptConfig(prompt_length)
-  model = network.T5(config.replace(scan_layers=False), prompt_config)
+  model = network.T5(config, prompt_config)
   tokens = jnp.ones((1, 1), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens, tokens)
   return {name: tuple(leaf.shape) for name, leaf in flatten(nn.unbox(abstract["params"])).items()}
@@ -174,13 +182,14 @@ _LAYER = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")
 _STACKED_LAYERS = re.compile(r"^(encoder|decoder)/layers/(.+)$")
 
 
-def stack_layers(flat: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
-  """Flat params in the checkpoint layout -> the layout of `network.T5(config)`.
+def stack_layers(flat: Mapping[str, Any], scan_layers: bool) -> dict[str, Any]:
+  """Flat params in the checkpoint layout -> the layout of a model built with `scan_layers`.
 
-  For `config.scan_layers`, each stack's `{stack}/layers_{i}/{rest}` become one
-  `{stack}/layers/{rest}` `[num_layers, ...]` (layer i at index i); otherwise `flat` is returned as is.
+  With `scan_layers` (`ExecutionConfig.scan_layers`), each stack's `{stack}/layers_{i}/{rest}`
+  become one `{stack}/layers/{rest}` `[num_layers, ...]` (layer i at index i); otherwise `flat` is
+  returned as is.
   """
-  if not config.scan_layers:
+  if not scan_layers:
     return dict(flat)
   stacked, grouped = {}, {}
   for name, value in flat.items():
@@ -214,12 +223,11 @@ def init_params(config: T5Config, rng: jax.Array,
   """Flat params of `network.T5(config)` from its initialisers, in the checkpoint layout (one
   `layers_{i}` per layer), or only those of `paths` (the others are neither computed nor held).
 
-  The same for `config.scan_layers` on or off: the initialiser always runs on the scanned model, one
-  layer body in a loop. Jitted whole, the unrolled model's initialiser is one random-number program
-  per weight: XLA:CPU compiled Base's in 15.9 s against 1.6 s scanned, and XLA:GPU had not finished
-  it after 6 minutes on an H200.
+  The same whatever the run's `ExecutionConfig.scan_layers`: the initialiser always runs on the
+  scanned model, one layer body in a loop. Jitted whole, the unrolled model's initialiser is one
+  random-number program per weight, which XLA compiles many times slower.
   """
-  model = network.T5(config.replace(scan_layers=True))
+  model = network.T5(config, execution=ExecutionConfig(scan_layers=True))
   wanted = None if paths is None else {_LAYER.sub(r"\1/layers/\3", path) for path in paths}
 
   def init(key: jax.Array) -> dict[str, jax.Array]:
@@ -229,30 +237,6 @@ def init_params(config: T5Config, rng: jax.Array,
 
   flat = unstack_layers(jax.jit(init)(rng))
   return flat if paths is None else {path: flat[path] for path in paths}
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """`{'a': {'b': x}}` -> `{'a/b': x}`."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, name))
-    else:
-      flat[name] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """`{'a/b': x}` -> `{'a': {'b': x}}`."""
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
 
 
 def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -381,3 +365,44 @@ def read_variable(path: str, name: str, dtype: Any = jnp.float32) -> np.ndarray:
       return hf_checkpoint.read_arrays(path, dtype)[name]
     leaf = t5x_checkpoint.read_leaves(path)[name]
     return t5x_checkpoint.read_arrays({name: leaf}, dtype)[name]
+
+
+def check_initial_checkpoint(path: str) -> None:
+  """A local INITIAL_CHECKPOINT_PATH must exist (remote ones are checked when read)."""
+  if "://" not in path and not os.path.exists(path):
+    raise CheckpointError(
+        f"INITIAL_CHECKPOINT_PATH {path!r} does not exist; give a T5X checkpoint directory or a "
+        "Hugging Face T5 directory.")
+
+
+def check_checkpoint_matches(path: str, config: T5Config) -> None:
+  """Raises a `CheckpointError` unless the checkpoint's shapes are `config`'s (reads no array)."""
+  _, shapes = read_shapes(path)
+  prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
+  check_params(param_shapes(config, prompt_length), shapes, path)
+
+
+def load_frozen_params(config: T5Config, initial_checkpoint_path: Optional[str],
+                       assignment_map: Sequence[tuple[str, Optional[str]]] = (),
+                       rng: Optional[jax.Array] = None, *,
+                       scan_layers: bool = False) -> dict[str, np.ndarray]:
+  """The frozen model's flat `{path: array}` params from INITIAL_CHECKPOINT_PATH.
+
+  Every parameter must match `config`; with an `assignment_map` (T5X's (target regex, source or
+  None) pairs) unmatched or skipped parameters start from scratch (`init_params` with `rng`). With
+  no path, the whole model is random (demos and tests). Layers are stacked (`stack_layers`) for a
+  model built with `ExecutionConfig(scan_layers=True)`.
+  """
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if initial_checkpoint_path is None:
+    return stack_layers(init_params(config, rng), scan_layers)
+  check_initial_checkpoint(initial_checkpoint_path)
+  if not assignment_map:  # load_checkpoint stacks the layers itself
+    return flatten(load_checkpoint(initial_checkpoint_path, config=config,
+                                   scan_layers=scan_layers)[1])
+  _, raw = load_checkpoint(initial_checkpoint_path)
+  loaded, missing = apply_assignment_map(flatten(raw), param_shapes(config), assignment_map)
+  if missing:
+    logger.info("Initialising %d parameters from scratch: %s", len(missing), missing[:5])
+    loaded.update(init_params(config, rng, missing))
+  return stack_layers(loaded, scan_layers)

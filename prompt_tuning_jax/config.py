@@ -36,18 +36,6 @@ class T5Config:
   # softmax stay in float32 when `float32_attention_logits` is set.
   dtype: Any = jnp.float32
   float32_attention_logits: bool = True
-  # Rematerialisation of each layer in the backward pass: "none" keeps all activations, "full" keeps
-  # only each layer's input and recomputes the rest, "dots" keeps the matmul outputs.
-  remat_policy: str = "none"
-  # Run each stack's layers with `nn.scan` over parameters stacked on a leading `layers` axis: one
-  # layer is compiled instead of all of them. Checkpoints keep T5X's `layers_{i}` layout;
-  # `checkpoints.stack_layers` converts on loading.
-  scan_layers: bool = False
-  # Attention's core (logits, softmax, context) of a full sequence runs in this many interleaved batch
-  # chunks (examples j, j + n, ...; the same result), 1 where it does not divide the batch. None: 2 on
-  # CPU (with oneDNN's dots, `xla_cpu.dot_compiler_options`, the T5 1.1 Small step ran 1.03-1.09x
-  # faster so), 1 on other backends.
-  attention_chunks: Optional[int] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
@@ -59,14 +47,6 @@ class T5Config:
                                        for a in self.mlp_activations):
       raise ValueError(f"T5Config.mlp_activations={self.mlp_activations!r}: use ('relu',) for T5 1.0 "
                        "or ('gelu', 'linear') for T5 1.1; known activations: gelu, relu, silu, linear.")
-    if not isinstance(self.scan_layers, bool):
-      raise ValueError(f"T5Config.scan_layers={self.scan_layers!r}: use True or False.")
-    if self.attention_chunks is not None and (not isinstance(self.attention_chunks, int)
-                                              or self.attention_chunks < 1):
-      raise ValueError(f"T5Config.attention_chunks={self.attention_chunks!r}: use a positive integer, "
-                       "or None for the backend's default.")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}.")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
 
@@ -76,6 +56,72 @@ class T5Config:
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+  """How the model is computed, not what: every setting gives the same logits and gradients (within
+  float rounding), so none is part of a run's identity and a run may resume under others.
+
+  `attention` is the attention core: `"xla"` (T5X's einsum and softmax, the reference), `"cudnn"`
+  (cuDNN's fused attention through `jax.nn.dot_product_attention`, NVIDIA GPUs in bfloat16/float16),
+  `"cpu"` (kernels laid out for XLA:CPU and oneDNN: the prompt's projections shared by the batch,
+  cross-attention through its unprojected inputs, the core in `attention_chunks` batch chunks), or
+  `"auto"`, which `for_platform` turns into the best of these for a platform before the model is
+  built. `remat_policy` recomputes each layer's activations in the backward pass (`"none"`, `"full"`:
+  only the layer's input is kept, `"dots"`: matmul outputs are kept). `scan_layers` runs each stack's
+  layers with `nn.scan` over parameters stacked on a leading `layers` axis, so one layer is compiled
+  instead of all (checkpoints keep T5X's `layers_{i}`; `checkpoints.stack_layers` converts).
+  """
+  attention: str = "xla"
+  attention_chunks: Optional[int] = None  # "cpu" only; None: 2, or 1 where 2 does not divide the batch
+  remat_policy: str = "none"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ATTENTION_IMPLEMENTATION={self.attention!r} is not one of "
+                       f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}; 'auto' picks for the devices.")
+    if self.attention_chunks is not None and (not isinstance(self.attention_chunks, int)
+                                              or isinstance(self.attention_chunks, bool)
+                                              or self.attention_chunks < 1):
+      raise ValueError(f"ExecutionConfig.attention_chunks={self.attention_chunks!r}: use a positive "
+                       "integer, or None for the default.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ExecutionConfig.remat_policy={self.remat_policy!r}: use one of "
+                       f"{REMAT_POLICIES}.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ExecutionConfig.scan_layers={self.scan_layers!r}: use True or False.")
+
+  def replace(self, **changes) -> "ExecutionConfig":
+    return dataclasses.replace(self, **changes)
+
+  def for_platform(self, platform: str, model_config: T5Config) -> "ExecutionConfig":
+    """This config with `"auto"` replaced by the best implementation for a device `platform` (`"cpu"`,
+    `"gpu"`, `"tpu"`) and `model_config`; refuses `"cudnn"` where cuDNN cannot run it."""
+    cudnn_ok = (platform == "gpu" and jnp.dtype(model_config.dtype) in (jnp.bfloat16, jnp.float16)
+                and model_config.head_dim % 8 == 0 and model_config.head_dim <= 128)
+    if self.attention == "cudnn" and not cudnn_ok:
+      raise ValueError(
+          f"ATTENTION_IMPLEMENTATION='cudnn' needs an NVIDIA GPU and a bfloat16 or float16 model with "
+          f"a head_dim that is a multiple of 8 up to 128; this run has platform {platform!r}, dtype "
+          f"{jnp.dtype(model_config.dtype).name}, head_dim {model_config.head_dim}: use 'auto' or 'xla'.")
+    if self.attention != "auto":
+      return self
+    best = {"cpu": "cpu", "gpu": "cudnn" if cudnn_ok else "xla"}.get(platform, "xla")
+    return self.replace(attention=best)
+
+
+def _refuse_execution_fields(overrides: dict[str, Any]) -> None:
+  """`t5_config` describes the architecture; execution settings moved to `ExecutionConfig`."""
+  moved = sorted(set(overrides) & {f.name for f in dataclasses.fields(ExecutionConfig)})
+  if moved:
+    raise ValueError(
+        f"t5_config.{moved[0]} is an execution setting, not part of the architecture: bind "
+        + ", ".join(f"--gin.ExecutionConfig.{name}=..." for name in moved) + " instead.")
 
 
 # (emb_dim, num_heads, head_dim, mlp_dim, num_encoder_layers, num_decoder_layers) of each release.
@@ -115,6 +161,7 @@ def t5_config(version: str = "t5_1_1", size: str = "small", **overrides) -> T5Co
     raise ValueError(f"Unknown T5 version {version!r}; choose one of {', '.join(VERSIONS)}.")
   if size not in SIZES:
     raise ValueError(f"Unknown T5 size {size!r}; choose one of {', '.join(SIZES)}.")
+  _refuse_execution_fields(overrides)
   family = {"t5_1_0": _T5_1_0_SIZES, "byt5": _BYT5_SIZES}.get(version, _T5_1_1_SIZES)
   dims = _TINY if size == "tiny" else family[size]
   fields = dict(zip(("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",

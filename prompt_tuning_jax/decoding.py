@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from prompt_tuning_jax import losses
-from prompt_tuning_jax.network import CROSS_CACHE, T5
+from prompt_tuning_jax.layers import CROSS_CACHE
+from prompt_tuning_jax.network import T5
 
 NEG_INF = -1e10
 

@@ -1,88 +1,19 @@
-"""Evaluate a trained prompt on a task: `python -m prompt_tuning_jax.eval --gin_file=runs/prompt_eval.gin`.
+"""Evaluate a trained prompt on a task: `python -m prompt_tuning_jax.eval --gin_file=...`.
 
-`evaluate_prompt()` loads the frozen model from INITIAL_CHECKPOINT_PATH and the prompt from PROMPT_FILE
-(a `.npy` file, or a `numpy_checkpoints/checkpoint_N/encoder.prompt.prompt.prompt` file of ours or of
-the official code), runs the task's seqio metrics on a split, and writes them to
-`OUTPUT_DIR/metrics.json`, with TensorBoard events and per-example predictions beside it.
+The command line of `inference.evaluate_prompt`; see gin_configs/runs/prompt_eval.gin.
 """
 import json
-import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
-from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, partitioning,
-                               prompt_initializers, prompts, train)
-from prompt_tuning_jax.config import T5Config
-from prompt_tuning_jax.network import T5
-
-
-def read_prompt_file(prompt_file: str, prompt_length: Optional[int], embed_dim: int) -> np.ndarray:
-  """The `[prompt_length, embed]` prompt in PROMPT_FILE, checked against the model."""
-  if os.path.isdir(prompt_file):
-    raise ValueError(f"PROMPT_FILE {prompt_file!r} is a directory; give the prompt file itself, e.g. "
-                     f"{os.path.join(prompt_file, 'numpy_checkpoints', 'checkpoint_N', 'encoder.prompt.prompt.prompt')}.")
-  prompt = prompt_initializers.load_prompt_file(prompt_file)
-  expected = (prompt_length or prompt.shape[0], embed_dim)
-  if prompt.shape != expected:
-    raise ValueError(f"PROMPT_FILE {prompt_file!r} holds a prompt of shape {prompt.shape}, but the model "
-                     f"wants {expected} (PROMPT_LENGTH, embed_dim): use a prompt trained for this model.")
-  return prompt.astype(np.float32)
-
-
-def load_prompted_model(model_config: T5Config, initial_checkpoint_path: Optional[str],
-                        prompt_file: str, prompt_combine: str = "prefix",
-                        prompt_length: Optional[int] = None, mesh_shape: Sequence[int] = (-1, 1)):
-  """(model, trainable, frozen) with the frozen params placed on a `(data, model)` mesh."""
-  prompt = read_prompt_file(prompt_file, prompt_length, model_config.emb_dim)
-  flat = train.load_frozen_params(model_config, initial_checkpoint_path)
-  prompt_config = prompts.PromptConfig(prompt.shape[0], prompt_initializers.from_array(prompt),
-                                       prompt_combine)
-  model = T5(model_config, prompt_config)
-  params = checkpoints.unflatten({**flat, checkpoints.PROMPT_PATH: prompt})
-  mask = freezing.freeze_mask(params)
-  trainable, frozen = freezing.split(params, mask)
-  mesh = partitioning.make_mesh(mesh_shape)
-  _, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
-  return model, trainable, partitioning.place_on_mesh(frozen, frozen_sh)
-
-
-def evaluate_prompt(*, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-                    batch_size: int, model_config: T5Config, prompt_file: str, output_dir: str,
-                    initial_checkpoint_path: Optional[str] = None, prompt_combine: str = "prefix",
-                    prompt_length: Optional[int] = None, split: str = "validation",
-                    num_examples: Optional[int] = None,
-                    decoding_config: evaluation.DecodingConfig = evaluation.DecodingConfig(),
-                    mesh_shape: Sequence[int] = (-1, 1),
-                    length_buckets: Sequence[int] = ()) -> dict[str, dict[str, Any]]:
-  """Runs the task's metrics for the prompt; returns and writes `{task: {metric: value}}`."""
-  train.check_feature_lengths(task_feature_lengths, prompt_length or 0, None)
-  batching.check_length_buckets(length_buckets, task_feature_lengths["inputs"],
-                                "evaluate.length_buckets")
-  train.task_vocabulary(mixture_or_task_name)
-  model, trainable, frozen = load_prompted_model(model_config, initial_checkpoint_path, prompt_file,
-                                                 prompt_combine, prompt_length, mesh_shape)
-  evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, split,
-                                        log_dir=output_dir, num_examples=num_examples)
-  predictor = evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets)
-  predictor.trainable = trainable
-  results = evaluation.evaluate(evaluator, predictor, step=0)
-  if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-      json.dump({t: {k: v for k, v in m.items() if np.ndim(v) == 0} for t, m in results.items()},
-                f, indent=2)
-  return results
+from prompt_tuning_jax import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """The command line: `--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
-
-  See gin_configs/runs/prompt_eval.gin.
-  """
-  from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top (it imports us)
-  results = gin_utils.run("evaluate", argv, "Evaluate a trained prompt on a task.")
+  """`--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`; prints each task's
+  metrics."""
+  results = cli.run("evaluate", argv, "Evaluate a trained prompt on a task.")
   for task, task_metrics in results.items():
     shown = {k: v for k, v in task_metrics.items() if np.ndim(v) == 0}
     print(f"{task}: {json.dumps(shown)}")

@@ -113,7 +113,8 @@ class Predictor:
         key = jax.random.PRNGKey(cfg.seed)
         run = lambda params, inputs: fn(params, inputs, key)[0]
       self._decoders[max_length] = self._jit(
-          lambda t, f, inputs: run(freezing.merge(t, f), inputs))
+          lambda t, f, inputs: run(freezing.merge(t, f), inputs),
+          compiler_options=xla_cpu.dot_compiler_options(onednn=False))
     return self._decoders[max_length]
 
   def predict_fn(self, dataset) -> list[tuple[int, list[int]]]:

@@ -9,6 +9,7 @@ its MODEL_DIR (the latest checkpoint), `MODEL_DIR/checkpoints` or `MODEL_DIR/che
 `opt_state/0/v/...`), and a trainable variable may be named without its `trainable/` prefix.
 T5X and Hugging Face parameters are written as float32 (like `checkpoints.load_checkpoint` reads
 them); run variables keep their dtype, but bfloat16 becomes float32 (`.npy` has no bfloat16).
+`from_checkpoint` makes such a variable a prompt initialiser.
 """
 import argparse
 import difflib
@@ -24,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import prompt_initializers
 from prompt_tuning_jax import run_checkpoints
 from prompt_tuning_jax.checkpoints import CheckpointError
 
@@ -55,6 +57,15 @@ def read_variable(path: str, name: str) -> np.ndarray:
            f"It has {len(readers)} variables, e.g. {', '.join(sorted(readers)[:_MAX_SUGGESTIONS])}."))
   array = np.asarray(readers[name]())
   return array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
+
+
+def from_checkpoint(path: str, variable: str = checkpoints.PROMPT_PATH
+                    ) -> prompt_initializers.Initializer:
+  """A prompt initialiser of a variable read out of a checkpoint: T5X, Hugging Face, or one of our
+  runs (MODEL_DIR or a step). E.g. the prompt of another run, to start a new task from it (the
+  paper's prompt transfer)."""
+  array = np.asarray(read_variable(path, variable), np.float32)
+  return prompt_initializers.from_array(array, name=f"from_checkpoint({path!r}, {variable!r})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,7 @@ backward pass never forms the weight gradients of the frozen model.
 import re
 from typing import Any, Sequence
 
-from prompt_tuning_jax.checkpoints import flatten, unflatten
+from prompt_tuning_jax.trees import flatten, unflatten
 
 PROMPT_ONLY = (r"encoder/prompt/.*",)
 Params = dict[str, Any]

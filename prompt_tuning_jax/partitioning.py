@@ -30,7 +30,7 @@ LOGICAL_AXIS_RULES = (
     ("prompts", None),
     ("prompt", None),
     ("prompt_embed", None),
-    ("layers", None),  # the stacked axis of `T5Config.scan_layers` parameters
+    ("layers", None),  # the stacked axis of `ExecutionConfig.scan_layers` parameters
 )
 
 

@@ -64,24 +64,26 @@ class Plan:
 
 def plan_train_step(model_config, prompt_length: int, batch_size: int,
                     feature_lengths: Mapping[str, int], mesh_shape: Sequence[int], device: str,
-                    num_microbatches: int = 1, trainable_patterns: Optional[Sequence[str]] = None
-                    ) -> Plan:
+                    num_microbatches: int = 1, trainable_patterns: Optional[Sequence[str]] = None,
+                    execution=None) -> Plan:
   """Compiles the train step for abstract inputs on the current (simulated) devices.
 
   `trainable_patterns` (default: the prompt only) picks what learns, as `train`'s argument does.
+  `execution` (a `config.ExecutionConfig`) gives remat and scan; the step is compiled with the
+  `"xla"` attention whatever it names, as the accelerator's own kernels (cuDNN's) cannot be compiled
+  on the planning CPU, and they hold no more memory than it.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from prompt_tuning_jax import (freezing, network, optimizers, partitioning,  # pylint: disable=g-import-not-at-top
-                                 prompts, trainer)
+  from prompt_tuning_jax import (config, freezing, network, optimizers,  # pylint: disable=g-import-not-at-top
+                                 partitioning, prompts, trainer)
   if device not in DEVICES:
     raise ValueError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
-  if model_config.attention_chunks is None:  # the accelerator's default, not the planning CPU's
-    model_config = model_config.replace(attention_chunks=1)
-  model = network.T5(model_config, prompts.PromptConfig(prompt_length))
+  execution = (execution or config.ExecutionConfig()).replace(attention="xla")
+  model = network.T5(model_config, prompts.PromptConfig(prompt_length), execution)
   tokens = jnp.ones((1, 1), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
   params = nn.unbox(boxed)
@@ -109,10 +111,10 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
-  if model_config.scan_layers:
+  if execution.scan_layers:
     flops = _scanned_flops(model_config, lambda shallow: plan_train_step(
         shallow, prompt_length, batch_size, feature_lengths, mesh_shape, device, num_microbatches,
-        trainable_patterns).flops_per_device)
+        trainable_patterns, execution.replace(scan_layers=False)).flops_per_device)
   return Plan(mesh=tuple(mesh.devices.shape), device=device,
               argument_bytes=memory.argument_size_in_bytes,
               temporary_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
@@ -123,11 +125,11 @@ def plan_train_step(model_config, prompt_length: int, batch_size: int,
 def _scanned_flops(model_config, count: Callable[[Any], float]) -> float:
   """FLOPs per step of a scanned model, whose loops XLA's cost analysis counts once.
 
-  `count(config)` gives the FLOPs of a step. Every layer of a stack costs the same, so the unrolled
+  `count(config)` gives the FLOPs of an unrolled step. Every layer of a stack costs the same, so the
   steps with 1 or 2 layers per stack give each stack's cost per layer.
   """
   shallow = lambda encoder, decoder: count(model_config.replace(
-      scan_layers=False, num_encoder_layers=encoder, num_decoder_layers=decoder))
+      num_encoder_layers=encoder, num_decoder_layers=decoder))
   base = shallow(1, 1)
   return (base + (model_config.num_encoder_layers - 1) * (shallow(2, 1) - base)
           + (model_config.num_decoder_layers - 1) * (shallow(1, 2) - base))
@@ -177,14 +179,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
                JAX_PLATFORMS="cpu")
     return subprocess.call([sys.executable, "-m", "prompt_tuning_jax.plan", *argv], env=env)
-  from prompt_tuning_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import cli  # pylint: disable=g-import-not-at-top
   try:
-    settings = gin_utils.train_settings(args.gin_file, args.gin_bindings,
+    settings = cli.train_settings(args.gin_file, args.gin_bindings,
                                         args.gin_search_paths.split(",") if args.gin_search_paths
                                         else [])
+    dataset = settings["dataset_config"]
     result = plan_train_step(settings["model_config"], settings["prompt_length"],
-                             settings["batch_size"], settings["task_feature_lengths"], args.mesh,
-                             args.device, settings.get("num_microbatches", 1))
+                             dataset.batch_size, dataset.task_feature_lengths, args.mesh,
+                             args.device, settings.get("num_microbatches", 1),
+                             execution=settings.get("execution"))
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

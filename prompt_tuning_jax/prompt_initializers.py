@@ -145,13 +145,3 @@ def from_npy(path: str) -> Initializer:
   """The prompt in a numpy file (see `load_prompt_file`); the model's shape must be the file's."""
   return from_array(load_prompt_file(path), name=f"from_npy({path!r})")
 
-
-def from_checkpoint(path: str, variable: str = "encoder/prompt/prompt/prompt") -> Initializer:
-  """A variable read out of a checkpoint: T5X, Hugging Face, or one of our runs (MODEL_DIR or a step).
-
-  E.g. the prompt of another run, to start a new task from it (the paper's prompt transfer).
-  """
-  # Imported here: the checkpoint readers build models, and the model imports this module.
-  from prompt_tuning_jax import extract_variable  # pylint: disable=g-import-not-at-top
-  array = np.asarray(extract_variable.read_variable(path, variable), np.float32)
-  return from_array(array, name=f"from_checkpoint({path!r}, {variable!r})")

@@ -9,8 +9,8 @@ it is missing, the TensorBoard events under `MODEL_DIR/train`, and writes
   python -m prompt_tuning_jax.report MODEL_DIR [--output_dir DIR] [--metric accuracy]
 
 The best step is the one in `MODEL_DIR/best/best.json` when the run kept a best prompt
-(`train.best_metric`), else the best value of `--metric` (default: the first task metric) in the
-eval rows. Bad input ends with one line, `error: ...`, and exit status 2.
+(`EvalConfig.best_metric`), else the best value of `--metric` (default: the first task metric) in
+the eval rows. Bad input ends with one line, `error: ...`, and exit status 2.
 """
 import argparse
 import dataclasses

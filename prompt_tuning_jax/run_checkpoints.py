@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import trees
 from prompt_tuning_jax.checkpoints import CheckpointError
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -71,7 +71,8 @@ def numpy_file_name(path: str) -> str:
 
 
 def check_run_config(model_dir: str, run_config: Mapping[str, Any],
-                     mutable_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+                     mutable_keys: Sequence[str] = (),
+                     retired_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
   """Records the run's settings on its first start; on later starts, checks they are the same.
 
   Call it before any other work: on a mismatch nothing in `model_dir` has been written.
@@ -80,6 +81,8 @@ def check_run_config(model_dir: str, run_config: Mapping[str, Any],
     model_dir: the run's MODEL_DIR.
     run_config: a JSON-serialisable dict of the settings that define the run.
     mutable_keys: keys that may change between starts (e.g. `train_steps`, `eval_period`).
+    retired_keys: `.`-joined paths of settings that runs recorded before they stopped defining a run
+      (e.g. `model_config.remat_policy`); a recorded run's are ignored, so it still resumes.
 
   Returns:
     `{key: (old, new)}` of the mutable keys that changed (the stored file keeps the first values).
@@ -99,7 +102,7 @@ def check_run_config(model_dir: str, run_config: Mapping[str, Any],
       _create_atomically(filename, json.dumps(new, indent=2, sort_keys=True).encode())
     return {}
   with open(filename) as f:
-    old = json.load(f)
+    old = _without(json.load(f), retired_keys)
   absent = "<absent>"
   changed = {key: (old.get(key, absent), new.get(key, absent))
              for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)}
@@ -309,7 +312,19 @@ def _host_arrays(trainable: Any) -> dict[str, np.ndarray]:
       return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(leaf)
   return {numpy_file_name(path): to_numpy(leaf)
-          for path, leaf in checkpoints.flatten(trainable).items()}
+          for path, leaf in trees.flatten(trainable).items()}
+
+
+def _without(settings: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+  """`settings` less each `.`-joined path in `paths` (a nested key of dicts) that it holds."""
+  for path in paths:
+    *parents, key = path.split(".")
+    node = settings
+    for parent in parents:
+      node = node.get(parent) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(key, None)
+  return settings
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,8 +13,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from prompt_tuning_jax import (batching, checkpoints, prompt_initializers, prompts, serving,
-                               vocabularies)
+from prompt_tuning_jax import (batching, checkpoints, config, prompt_initializers, prompts, serving,
+                               trees, vocabularies)
 
 USAGE_EXIT_CODE = 2
 VOCABULARIES = {"t5": vocabularies.t5_vocabulary, "byt5": vocabularies.byt5_vocabulary}
@@ -47,6 +47,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--prompt_combine", choices=prompts.COMBINATIONS, default="prefix")
   parser.add_argument("--relative_attention_max_distance", type=int, default=None,
                       help="not stored in T5X checkpoints (default 128)")
+  parser.add_argument("--attention_implementation", choices=config.ATTENTION_IMPLEMENTATIONS,
+                      default="auto", help="the attention core; 'auto' picks for the devices")
   return parser.parse_args(argv)
 
 
@@ -108,14 +110,15 @@ def serve(args: argparse.Namespace) -> int:
   requests = read_requests(args.requests, list(prompt_files))
   model_config, params = checkpoints.load_checkpoint(
       args.checkpoint, relative_attention_max_distance=args.relative_attention_max_distance)
-  frozen = {k: v for k, v in checkpoints.flatten(params).items() if k != checkpoints.PROMPT_PATH}
+  frozen = {k: v for k, v in trees.flatten(params).items() if k != checkpoints.PROMPT_PATH}
   server = serving.PromptServer(
       model_config, frozen, capacity=len(prompt_arrays),
       max_prompt_length=max(len(p) for p in prompt_arrays.values()),
       vocabulary=VOCABULARIES[args.vocabulary](), batch_size=args.batch_size,
       max_input_length=args.max_input_length, max_decode_length=args.max_decode_length,
       prompt_combine=args.prompt_combine,
-      length_buckets=length_buckets)
+      length_buckets=length_buckets,
+      execution=config.ExecutionConfig(attention=args.attention_implementation))
   for task, prompt in prompt_arrays.items():
     server.add_prompt(task, prompt)
 

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import batching, checkpoints, decoding, freezing, prompts, scoring, xla_cpu
-from prompt_tuning_jax.config import T5Config
+from prompt_tuning_jax import (batching, checkpoints, decoding, freezing, prompts, scoring, trees,
+                               xla_cpu)
+from prompt_tuning_jax.config import ExecutionConfig, T5Config
 from prompt_tuning_jax.network import T5
 
 # A request: (task name, input text).
@@ -31,15 +32,15 @@ Request = tuple[str, str]
 
 
 def bank_model(model_config: T5Config, capacity: int, max_prompt_length: int,
-               prompt_combine: str = "prefix") -> T5:
+               prompt_combine: str = "prefix", execution: ExecutionConfig = ExecutionConfig()) -> T5:
   """The T5 whose prompt is a bank `[capacity, max_prompt_length, embed]` picked per row."""
   return T5(model_config, prompts.PromptConfig(max_prompt_length, combine=prompt_combine,
-                                               bank_size=capacity))
+                                               bank_size=capacity), execution)
 
 
 def with_prompt_bank(frozen: Mapping[str, Any], table) -> dict[str, Any]:
   """The full params: the frozen tree plus the prompt table `[capacity, length, embed]`."""
-  return freezing.merge(checkpoints.unflatten({checkpoints.PROMPT_PATH: table}), frozen)
+  return freezing.merge(trees.unflatten({checkpoints.PROMPT_PATH: table}), frozen)
 
 
 def stack_prompts(prompt_arrays: Sequence[np.ndarray],
@@ -89,31 +90,34 @@ class PromptServer:
   def __init__(self, model_config: T5Config, frozen_params: Mapping[str, Any], capacity: int,
                max_prompt_length: int, vocabulary: seqio.Vocabulary, batch_size: int,
                max_input_length: int, max_decode_length: int, prompt_combine: str = "prefix",
-               length_buckets: Sequence[int] = ()):
+               length_buckets: Sequence[int] = (),
+               execution: ExecutionConfig = ExecutionConfig(attention="auto")):
     """`frozen_params`: the plain model's params, nested or flat (`{path: array}`), without a prompt.
     `length_buckets`: input lengths up to `max_input_length` to cut batches to (none: every batch
-    at `max_input_length`)."""
+    at `max_input_length`). `execution` is resolved for JAX's default devices."""
     for name, value in (("batch_size", batch_size), ("max_input_length", max_input_length),
                         ("max_decode_length", max_decode_length)):
       if value <= 0:
         raise ValueError(f"PromptServer: {name} must be positive, got {value}.")
-    flat = checkpoints.flatten(frozen_params)
+    flat = trees.flatten(frozen_params)
     if checkpoints.PROMPT_PATH in flat:
       raise ValueError(f"frozen_params hold a prompt ({checkpoints.PROMPT_PATH}); the server's "
                        "prompts come from add_prompt.")
-    self.model = bank_model(model_config, capacity, max_prompt_length, prompt_combine)
+    execution = execution.for_platform(jax.devices()[0].platform, model_config)
+    self.model = bank_model(model_config, capacity, max_prompt_length, prompt_combine, execution)
     self.vocabulary = vocabulary
     self.batch_size, self.max_input_length = batch_size, max_input_length
     self.max_decode_length = max_decode_length
     self.length_buckets = batching.check_length_buckets(length_buckets, max_input_length,
                                                         "length_buckets", "max_input_length")
-    self._frozen = jax.device_put(checkpoints.unflatten(flat))
+    self._frozen = jax.device_put(trees.unflatten(flat))
     self._table = np.zeros((capacity, max_prompt_length, model_config.emb_dim), np.float32)
     self._lengths = np.zeros(capacity, np.int32)
     self._slots: dict[str, int] = {}
     self._device_table = jnp.array(self._table)
     self.traces: collections.Counter = collections.Counter()
-    self._predict = jax.jit(self._predict_batch)
+    self._predict = jax.jit(self._predict_batch,
+                            compiler_options=xla_cpu.dot_compiler_options(onednn=False))
     self._score = jax.jit(self._score_batch,
                           compiler_options=xla_cpu.dot_compiler_options())
 

@@ -1,4 +1,10 @@
-"""Shared test fixtures: paths to the real data in ../shared, and one tiny model compiled once."""
+"""Shared test fixtures: paths to the real data in ../shared, and one tiny model compiled once.
+
+Tests that read ../shared take the `shared_dir` fixture or the mark `needs_shared(path)`. Where the
+data is missing they are skipped, except under `CI=true`, where the data must be present and they
+fail instead.
+"""
+import os
 import pathlib
 
 import flax.linen as nn
@@ -13,10 +19,31 @@ SHARED = REPO_ROOT.parent / "shared"
 T5X_TINY_CHECKPOINT = SHARED / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3"
 
 
+def pytest_configure(config):  # pylint: disable=redefined-outer-name (pytest's hook argument)
+  config.addinivalue_line(
+      "markers", "needs_shared(path): the test reads `path` (default ../shared itself); skipped "
+      "where it is missing, failed under CI=true")
+
+
+def require_shared(path: pathlib.Path = SHARED) -> None:
+  """Skips the running test when `path` under ../shared is missing; fails it under CI=true."""
+  if path.exists():
+    return
+  message = f"{path} (the project's shared real data) is not present"
+  if os.environ.get("CI") == "true":
+    pytest.fail(f"{message}; CI=true runs every test on the shared data", pytrace=False)
+  pytest.skip(message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  for mark in item.iter_markers("needs_shared"):
+    require_shared(*mark.args)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-  if not SHARED.is_dir():
-    pytest.skip(f"{SHARED} (the project's shared real data) is not present")
+  require_shared()
   return SHARED
 
 

@@ -16,20 +16,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import make_batch  # noqa: E402
 
 from prompt_tuning_jax import (checkpoints, config, freezing, network, optimizers,  # noqa: E402
-                               partitioning, prompts, trainer)
+                               partitioning, prompts, trainer, trees)
 
 
-def run(mesh_shape, devices, scan_layers=False):
-  """With `scan_layers`, the same parameters stacked on the `layers` axis."""
+def run(mesh_shape, devices, execution=config.ExecutionConfig()):
+  """With `execution.scan_layers`, the same parameters stacked on the `layers` axis."""
   cfg = config.t5_config("t5_1_1", "tiny", vocab_size=64, emb_dim=8, num_heads=2, head_dim=4,
                          mlp_dim=16)
   batch = make_batch(cfg.vocab_size, batch=16)
   tokens = batch["encoder_input_tokens"][:1]
   params = nn.unbox(jax.jit(network.T5(cfg, prompts.PromptConfig(3)).init)(
       jax.random.PRNGKey(0), tokens, tokens))["params"]
-  cfg = cfg.replace(scan_layers=scan_layers)
-  params = checkpoints.unflatten(checkpoints.stack_layers(checkpoints.flatten(params), cfg))
-  model = network.T5(cfg, prompts.PromptConfig(3))
+  params = trees.unflatten(checkpoints.stack_layers(trees.flatten(params),
+                                                         execution.scan_layers))
+  model = network.T5(cfg, prompts.PromptConfig(3), execution)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
   mask = freezing.freeze_mask(params)
   trainable, frozen = freezing.split(params, mask)
@@ -47,7 +47,7 @@ def run(mesh_shape, devices, scan_layers=False):
   for _ in range(3):
     state, metrics = step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
-  sharded_kernel = frozen["encoder"]["layers" if scan_layers else "layers_0"]["mlp"]["wi_0"]["kernel"]
+  sharded_kernel = frozen["encoder"]["layers" if execution.scan_layers else "layers_0"]["mlp"]["wi_0"]["kernel"]
   return {"losses": losses,
           "prompt": np.asarray(state.trainable["encoder"]["prompt"]["prompt"]["prompt"]).tolist(),
           "kernel_shards": sharded_kernel.shape[-1]
@@ -60,5 +60,6 @@ if __name__ == "__main__":
   results = {"1x1": run((1, 1), devices[:1])}
   for shape in ((8, 1), (4, 2), (2, 4)):
     results[f"{shape[0]}x{shape[1]}"] = run(shape, devices)
-  results["2x4 scanned layers"] = run((2, 4), devices, scan_layers=True)
+  results["2x4 scanned layers"] = run((2, 4), devices, config.ExecutionConfig(scan_layers=True))
+  results["2x4 cpu attention"] = run((2, 4), devices, config.ExecutionConfig(attention="cpu"))
   print(json.dumps(results))

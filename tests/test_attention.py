@@ -1,5 +1,7 @@
-"""`attention.dot_product_attention` and `attention.attention_over_inputs` against JAX's own attention
-and softmaxes differentiated by JAX."""
+"""`attention.dot_product_attention`'s cores and `attention.attention_over_inputs` against JAX's own
+attention and softmaxes differentiated by JAX."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +41,18 @@ def _value_and_grads(fn, *inputs_and_d_context):
   return jax.jit(run)(*inputs)
 
 
+def _core(implementation):
+  return functools.partial(attention.dot_product_attention, implementation=implementation)
+
+
+CPU_CORES = ("xla", "cpu")  # the cores that run on any device
+
+
+@pytest.mark.parametrize("implementation", CPU_CORES)
 @pytest.mark.parametrize("bias_shape", [(BATCH, HEADS, Q, K), (1, HEADS, Q, K), (BATCH, 1, Q, K), (Q, K)])
-def test_values_and_gradients_match_jax_attention(bias_shape):
+def test_values_and_gradients_match_jax_attention(bias_shape, implementation):
   query, key, value, bias, d_context = _inputs(bias_shape)
-  ours, our_grads = _value_and_grads(attention.dot_product_attention, query, key, value, bias, d_context)
+  ours, our_grads = _value_and_grads(_core(implementation), query, key, value, bias, d_context)
   # JAX's own implementation (no 1/sqrt(kv) scaling in T5), [batch, length, heads, kv] as ours.
   theirs, their_grads = _value_and_grads(
       lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=jnp.broadcast_to(
@@ -54,27 +64,37 @@ def test_values_and_gradients_match_jax_attention(bias_shape):
     np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_dropout_scale_matches_dropout_on_the_weights():
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's attention needs an NVIDIA GPU")
+def test_cudnn_matches_xla_in_bfloat16():
+  query, key, value, bias, d_context = (x.astype(jnp.bfloat16) for x in _inputs((1, HEADS, Q, K)))
+  ours = _value_and_grads(_core("cudnn"), query, key, value, bias, d_context)
+  theirs = _value_and_grads(_core("xla"), query, key, value, bias, d_context)
+  for mine, other in zip(jax.tree_util.tree_leaves(ours)[:4], jax.tree_util.tree_leaves(theirs)):
+    np.testing.assert_allclose(np.float32(mine), np.float32(other), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("implementation", CPU_CORES)
+def test_dropout_scale_matches_dropout_on_the_weights(implementation):
+  """T5X's dropout: one keep mask per key for every query, the weights scaled by 1 / keep."""
   query, key, value, bias, d_context = _inputs((1, HEADS, Q, K), seed=1)
-  keep = jax.random.bernoulli(jax.random.PRNGKey(7), 0.6, (BATCH, HEADS, Q, K))
-  scale = jnp.where(keep, 1 / 0.6, 0.0)
-  ours = _value_and_grads(lambda *a: attention.dot_product_attention(*a, scale), query, key, value, bias,
+  scale = jax.jit(attention.dropout_scale, static_argnums=(1, 2, 3))(
+      jax.random.PRNGKey(7), 0.4, (BATCH, HEADS, Q, K), jnp.float32)
+  assert scale.shape == (BATCH, HEADS, 1, K)
+  np.testing.assert_allclose(np.unique(np.asarray(scale)), [0.0, 1 / 0.6], rtol=1e-6)
+  ours = _value_and_grads(lambda *a: _core(implementation)(*a, scale), query, key, value, bias,
                           d_context)
   theirs = _value_and_grads(lambda *a: _reference(*a, scale), query, key, value, bias, d_context)
   for mine, other in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
     np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
 
 
-def test_head_major_keys_and_masked_rows():
-  """Keys and values as `[batch, heads, k, kv]` (a decoding cache's layout), and a query row whose keys
-  are all masked: finite, the average of the values, as a softmax over equal logits gives."""
+@pytest.mark.parametrize("implementation", CPU_CORES)
+def test_masked_rows(implementation):
+  """A query row whose keys are all masked: finite, the average of the values, as a softmax over
+  equal logits gives."""
   query, key, value, bias, d_context = _inputs((BATCH, HEADS, Q, K), seed=2)
   bias = bias.at[:, :, 0, :].set(-1e10)
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-  ours, our_grads = _value_and_grads(
-      lambda q, k, v, b: attention.dot_product_attention(q, heads_first(k), heads_first(v), b,
-                                                         kv_axes="bhkd"),
-      query, key, value, bias, d_context)
+  ours, our_grads = _value_and_grads(_core(implementation), query, key, value, bias, d_context)
   theirs, their_grads = _value_and_grads(_reference, query, key, value, bias, d_context)
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours[:, 0], value.mean(axis=1), rtol=1e-5, atol=1e-5)
@@ -83,16 +103,17 @@ def test_head_major_keys_and_masked_rows():
     np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
 
 
-def test_dtypes():
+@pytest.mark.parametrize("implementation", CPU_CORES)
+def test_dtypes(implementation):
   """bfloat16 inputs: logits and softmax in `logits_dtype`, the context in the values' dtype."""
   query, key, value, bias, _ = _inputs((1, HEADS, Q, K), seed=3)
   low = [x.astype(jnp.bfloat16) for x in (query, key, value)]
-  out = jax.jit(attention.dot_product_attention)(*low, bias)
+  out = jax.jit(_core(implementation))(*low, bias)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(np.float32), _reference(*low, bias).astype(np.float32),
                              rtol=5e-2, atol=5e-2)
-  with pytest.raises(ValueError, match="kv_axes"):
-    attention.dot_product_attention(query, key, value, bias, kv_axes="bqhd")
+  with pytest.raises(ValueError, match="'bogus'"):
+    attention.dot_product_attention(query, key, value, bias, implementation="bogus")
 
 
 EMBED = 6

@@ -50,7 +50,7 @@ def test_buckets_group_examples_by_length_and_pad_to_the_bucket():
 
 @pytest.mark.parametrize("buckets", [(0, 8), (8, 32), (4.5,)])
 def test_bad_buckets_are_named(buckets):
-  with pytest.raises(ValueError, match=r"train.length_buckets=.* up to TASK_FEATURE_LENGTHS"):
+  with pytest.raises(ValueError, match=r"DatasetConfig.length_buckets=.* up to TASK_FEATURE_LENGTHS"):
     batching.check_length_buckets(buckets, INPUT_LENGTH)
 
 

@@ -14,12 +14,13 @@ import tensorstore as ts
 from prompt_tuning_jax import checkpoints
 from prompt_tuning_jax import network
 from prompt_tuning_jax import prompts
-from prompt_tuning_jax.config import t5_config
+from prompt_tuning_jax import trees
+from prompt_tuning_jax.config import ExecutionConfig, t5_config
 
 MODEL_DIR = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
              / "t5x_t5_1_1_tiny_flaxformer")
 CHECKPOINT = MODEL_DIR / "checkpoint_3"
-pytestmark = pytest.mark.skipif(not CHECKPOINT.is_dir(), reason=f"{CHECKPOINT} not found")
+pytestmark = pytest.mark.needs_shared(CHECKPOINT)
 
 TINY = t5_config("t5_1_1", "tiny")  # the README's architecture: max distance 8
 EMBEDDING = "target.token_embedder.embedding"
@@ -46,11 +47,12 @@ def _zarr_by_hand(directory: pathlib.Path) -> np.ndarray:
   return out
 
 
-def _apply(config, params, prompt_config=None):
+def _apply(config, params, prompt_config=None, execution=ExecutionConfig()):
   inputs = jnp.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0]])
   targets = jnp.array([[11, 12, 1], [13, 1, 0]])
   decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
-  return network.T5(config, prompt_config).apply({"params": params}, inputs, decoder_inputs, targets)
+  return network.T5(config, prompt_config, execution).apply({"params": params}, inputs,
+                                                           decoder_inputs, targets)
 
 
 def test_inferred_config_is_the_tiny_t5_1_1(loaded):
@@ -64,23 +66,24 @@ def test_inferred_config_is_the_tiny_t5_1_1(loaded):
 def test_params_match_the_model_tree(loaded):
   config, params = loaded
   assert jax.tree.map(np.shape, params) == jax.tree.map(
-      tuple, checkpoints.unflatten(checkpoints.param_shapes(config)),
+      tuple, trees.unflatten(checkpoints.param_shapes(config)),
       is_leaf=lambda x: isinstance(x, tuple))
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
 
 
-def test_scanned_config_loads_the_layers_stacked(loaded):
+def test_scanned_layers_load_stacked(loaded):
   """The real T5X checkpoint into a `scan_layers` model: layer i at index i, same logits."""
   config, params = loaded
-  scanned_config = config.replace(scan_layers=True)
-  _, stacked = checkpoints.load_checkpoint(str(CHECKPOINT), config=scanned_config)
+  _, stacked = checkpoints.load_checkpoint(str(CHECKPOINT), config=config, scan_layers=True)
   for stack in ("encoder", "decoder"):
     assert not any(name.startswith("layers_") for name in stacked[stack])
     for i in range(2):
       np.testing.assert_array_equal(stacked[stack]["layers"]["mlp"]["wo"]["kernel"][i],
                                     params[stack][f"layers_{i}"]["mlp"]["wo"]["kernel"])
-  np.testing.assert_allclose(jax.jit(_apply, static_argnums=0)(scanned_config, stacked),
-                             jax.jit(_apply, static_argnums=0)(config, params), rtol=1e-5, atol=1e-6)
+  scanned = jax.jit(_apply, static_argnums=(0, 2, 3))(config, stacked, None,
+                                                      ExecutionConfig(scan_layers=True))
+  np.testing.assert_allclose(scanned, jax.jit(_apply, static_argnums=0)(config, params), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_embedding_equals_the_zarr_data(loaded):

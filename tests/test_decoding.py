@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import checkpoints, decoding, network, prompts, scoring
+from prompt_tuning_jax import checkpoints, config, decoding, network, prompts, scoring, trees
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0], [11, 12, 13, 14, 15, 1]], np.int32)
 LENGTH = 7
@@ -158,10 +158,8 @@ def test_bad_decoding_arguments_are_named(model_and_params):
 def test_scanned_layers_decode_like_one_module_per_layer(model_and_params, greedy):
   """The key/value cache is stacked with the scanned layers' parameters and decodes the same."""
   model, params = model_and_params
-  scanned_config = model.config.replace(scan_layers=True)
-  scanned = network.T5(scanned_config, model.prompt_config)
-  stacked = checkpoints.unflatten(checkpoints.stack_layers(checkpoints.flatten(params),
-                                                           scanned_config))
+  scanned = network.T5(model.config, model.prompt_config, config.ExecutionConfig(scan_layers=True))
+  stacked = trees.unflatten(checkpoints.stack_layers(trees.flatten(params), True))
   tokens, log_likelihood = jax.jit(functools.partial(
       decoding.greedy_decode, scanned, max_decode_length=LENGTH))(stacked, INPUTS)
   np.testing.assert_array_equal(tokens, greedy[0])

@@ -7,8 +7,8 @@ import pytest
 import seqio
 
 import prompt_tuning_jax.tasks  # pylint: disable=unused-import (registers the tasks)
-from prompt_tuning_jax import (checkpoints, config, decoding, ensemble, network, prompts, serving,
-                               train)
+from prompt_tuning_jax import (checkpoints, config, decoding, ensembling, network, prompts, serving,
+                               trees)
 
 TASK = "taskless_super_glue_rte_v102"
 LENGTHS = {"inputs": 48, "targets": 8}
@@ -40,7 +40,7 @@ def prompt_files(tmp_path_factory, model_config):
 
 
 def _evaluate(model_config, prompt_files, output_dir, method):
-  return ensemble.evaluate_ensemble(
+  return ensembling.evaluate_ensemble(
       mixture_or_task_name=TASK, task_feature_lengths=LENGTHS, batch_size=4,
       model_config=model_config, prompt_files=prompt_files, method=method,
       num_examples=NUM_EXAMPLES, output_dir=str(output_dir))
@@ -61,7 +61,7 @@ def test_vote_members_match_each_prompt_alone(data_dir, model_config, prompt_fil
 
   rows = _read_rows(tmp_path)
   assert len(rows) == NUM_EXAMPLES
-  assert [r["ensemble"] for r in rows] == ensemble.majority_vote(
+  assert [r["ensemble"] for r in rows] == ensembling.majority_vote(
       list(zip(*[r["members"] for r in rows])))
   correct = [r["ensemble"] == r["targets"] for r in rows]
   assert table["ensemble"]["accuracy"] == pytest.approx(100 * np.mean(correct))
@@ -71,7 +71,7 @@ def test_vote_members_match_each_prompt_alone(data_dir, model_config, prompt_fil
   prompt = np.load(prompt_files[1])
   alone = network.T5(model_config, prompts.PromptConfig(len(prompt)))
   params = serving.with_prompt_bank(
-      checkpoints.unflatten(train.load_frozen_params(model_config, None)), prompt)
+      trees.unflatten(checkpoints.load_frozen_params(model_config, None)), prompt)
   inputs = serving.encode_inputs(vocabulary, [r["inputs"] for r in rows], LENGTHS["inputs"])
   tokens, _ = jax.jit(lambda p, x: decoding.greedy_decode(
       alone, p, x, max_decode_length=LENGTHS["targets"]))(params, inputs)
@@ -92,16 +92,16 @@ def test_rank_averages_label_log_likelihoods(data_dir, model_config, prompt_file
 def test_length_buckets_change_the_shapes_and_nothing_else(data_dir, model_config, prompt_files,
                                                            tmp_path, monkeypatch):
   """With inputs of 256 and buckets of 64 and 128, the members see cut batches and score the same."""
-  widths, member_outputs = [], ensemble.member_outputs
+  widths, member_outputs = [], ensembling.member_outputs
 
   def recording(model, params, inputs, *args, **kwargs):
     widths.append(inputs.shape[1])  # once a compiled shape
     return member_outputs(model, params, inputs, *args, **kwargs)
-  monkeypatch.setattr(ensemble, "member_outputs", recording)
+  monkeypatch.setattr(ensembling, "member_outputs", recording)
   results = {}
   for buckets in ((), (64, 128)):
     output_dir = tmp_path / str(len(buckets))
-    table = ensemble.evaluate_ensemble(
+    table = ensembling.evaluate_ensemble(
         mixture_or_task_name=TASK, task_feature_lengths={"inputs": 256, "targets": 8}, batch_size=4,
         model_config=model_config, prompt_files=prompt_files, method="rank",
         num_examples=NUM_EXAMPLES, output_dir=str(output_dir), length_buckets=buckets)
@@ -116,9 +116,9 @@ def test_length_buckets_change_the_shapes_and_nothing_else(data_dir, model_confi
 
 
 def test_helpers_and_errors(data_dir, model_config, prompt_files):
-  assert ensemble.majority_vote([["a", "b", "c"], ["b", "b", "d"], ["a", "c", "e"]]) == \
+  assert ensembling.majority_vote([["a", "b", "c"], ["b", "b", "d"], ["a", "c", "e"]]) == \
       ["a", "b", "c"]
-  assert ensemble.default_class_labels(seqio.get_mixture_or_task(TASK)) == \
+  assert ensembling.default_class_labels(seqio.get_mixture_or_task(TASK)) == \
       ["entailment", "not_entailment"]
   with pytest.raises(ValueError, match="Unknown ensemble method"):
     _evaluate(model_config, prompt_files, "/tmp/unused", "mean")

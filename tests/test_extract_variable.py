@@ -5,11 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import checkpoints, extract_variable, optimizers, run_checkpoints, trainer
+from prompt_tuning_jax import (checkpoints, extract_variable, optimizers, run_checkpoints, trainer,
+                               trees)
 
 T5X_CHECKPOINT = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
                   / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3")
-needs_t5x = pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
+needs_t5x = pytest.mark.needs_shared(T5X_CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
@@ -100,4 +101,23 @@ def test_hugging_face_variable_equals_load_checkpoint(tmp_path):
                                 "--output", str(output)]) == 0
   _, params = checkpoints.load_checkpoint(str(tmp_path / "hf"))
   np.testing.assert_array_equal(np.load(output, allow_pickle=False),
-                                checkpoints.flatten(params)[name])
+                                trees.flatten(params)[name])
+
+
+@needs_t5x
+def test_from_checkpoint_is_a_prompt_initializer_of_a_variable():
+  init = extract_variable.from_checkpoint(str(T5X_CHECKPOINT), "encoder/relpos_bias/rel_embedding")
+  _, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
+  run = lambda shape: jax.jit(init, static_argnums=(1, 2))(jax.random.PRNGKey(0), shape,
+                                                           jax.numpy.float32)
+  np.testing.assert_array_equal(run((2, 4)), params["encoder"]["relpos_bias"]["rel_embedding"])
+  with pytest.raises(ValueError, match=r"the prompt is \(2, 4\) but the model wants \(3, 4\)"):
+    run((3, 4))
+
+
+def test_from_checkpoint_reads_a_run_s_prompt(run_dir):
+  model_dir, states = run_dir
+  init = extract_variable.from_checkpoint(str(model_dir))
+  np.testing.assert_array_equal(
+      init(jax.random.PRNGKey(0), (3, 4)),
+      states[2].trainable["encoder"]["prompt"]["prompt"]["prompt"])

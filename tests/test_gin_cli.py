@@ -10,12 +10,16 @@ import pytest
 
 import prompt_tuning_jax
 from prompt_tuning_jax import config
-from prompt_tuning_jax import gin_utils
+from prompt_tuning_jax import cli
+from prompt_tuning_jax import ensemble
+from prompt_tuning_jax import eval as eval_lib
+from prompt_tuning_jax import infer
 from prompt_tuning_jax import train
+from prompt_tuning_jax import training
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_GIN_DIR = REPO_ROOT / "tests" / "gin"
-MODEL_FILES = sorted(glob.glob(os.path.join(gin_utils.PACKAGE_GIN_DIR, "models", "*_prompt.gin")))
+MODEL_FILES = sorted(glob.glob(os.path.join(cli.PACKAGE_GIN_DIR, "models", "*_prompt.gin")))
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +36,10 @@ def run_train(argv, capsys):
   return exit_info.value.code, capsys.readouterr().err
 
 
-def train_flags(model_dir, **macros):
-  """A tiny random-model run on RTE; `macros` override or add `--gin.NAME=VALUE` flags."""
-  flags = {
+def train_macros(model_dir, **macros) -> dict[str, str]:
+  """The macros of a tiny random-model run on RTE; `macros` override or add some (None: leave
+  one out)."""
+  values = {
       "MODEL_DIR": repr(str(model_dir)),
       "MIXTURE_OR_TASK_NAME": "'taskless_super_glue_rte_v102'",
       "TASK_FEATURE_LENGTHS": "{'inputs': 32, 'targets': 4}",
@@ -43,10 +48,15 @@ def train_flags(model_dir, **macros):
       "BATCH_SIZE": "2",
       "EVAL_PERIOD": "0",
   }
-  flags.update(macros)
+  values.update(macros)
+  return {name: value for name, value in values.items() if value is not None}
+
+
+def train_flags(model_dir, run_file="runs/prompt_finetune.gin", **macros) -> list[str]:
+  """`train_macros` as command-line flags, after the tiny model's and `run_file`'s gin files."""
   return [f"--gin_search_paths={TEST_GIN_DIR}", "--gin_file=t5x_tiny.gin",
-          "--gin_file=runs/prompt_finetune.gin"] + [
-              f"--gin.{name}={value}" for name, value in flags.items() if value is not None]
+          f"--gin_file={run_file}"] + [
+              f"--gin.{name}={value}" for name, value in train_macros(model_dir, **macros).items()]
 
 
 def test_missing_macro_names_macro_and_file(tmp_path, capsys):
@@ -69,12 +79,12 @@ def test_unbound_entry_arguments_are_named(tmp_path, capsys):
   code, err = run_train([f"--gin_search_paths={TEST_GIN_DIR}", "--gin_file=t5x_tiny.gin",
                          f"--gin.MODEL_DIR={str(tmp_path)!r}"], capsys)
   assert code == 2
-  assert "train.model_dir, train.mixture_or_task_name" in err and "not bound" in err
+  assert "train.model_dir, train.dataset_config" in err and "not bound" in err
 
 
 def test_required_marker_counts_as_missing():
-  with pytest.raises(gin_utils.UsageError, match="MODEL_DIR is not set, but the command line"):
-    gin_utils.parse_gin([], ["MODEL_DIR = %gin.REQUIRED", "train.model_dir = %MODEL_DIR"])
+  with pytest.raises(cli.UsageError, match="MODEL_DIR is not set, but the command line"):
+    cli.parse_gin([], ["MODEL_DIR = %gin.REQUIRED", "train.model_dir = %MODEL_DIR"])
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -93,14 +103,14 @@ def test_unknown_names_are_one_line_errors(tmp_path, capsys, flag, message):
 def test_later_gin_files_override_earlier_ones(tmp_path):
   (tmp_path / "five.gin").write_text("PROMPT_LENGTH = 5\n")
   (tmp_path / "seven.gin").write_text("PROMPT_LENGTH = 7\n")
-  gin_utils.parse_gin(["models/t5_1_1_small_prompt.gin", "five.gin", "seven.gin"], [],
-                      [str(tmp_path)])
+  cli.parse_gin(["models/t5_1_1_small_prompt.gin", "five.gin", "seven.gin"], [],
+                [str(tmp_path)])
   assert gin.query_parameter("%PROMPT_LENGTH") == 7
-  gin_utils.parse_gin(["models/t5_1_1_small_prompt.gin", "seven.gin", "five.gin"], [],
-                      [str(tmp_path)])
+  cli.parse_gin(["models/t5_1_1_small_prompt.gin", "seven.gin", "five.gin"], [],
+                [str(tmp_path)])
   assert gin.query_parameter("%PROMPT_LENGTH") == 5
-  gin_utils.parse_gin(["models/t5_1_1_small_prompt.gin", "five.gin"], ["PROMPT_LENGTH = 9"],
-                      [str(tmp_path)])
+  cli.parse_gin(["models/t5_1_1_small_prompt.gin", "five.gin"], ["PROMPT_LENGTH = 9"],
+                [str(tmp_path)])
   assert gin.query_parameter("%PROMPT_LENGTH") == 9
 
 
@@ -112,24 +122,24 @@ def test_gin_search_paths(tmp_path):
       PROMPT_LENGTH = 11
       """))
   with pytest.raises(OSError, match="my_model.gin"):
-    gin_utils.parse_gin(["my_model.gin"], [])
-  args = gin_utils.parse_args([f"--gin_search_paths=/elsewhere,{configs}",
-                               "--gin_file=my_model.gin"], "test")
+    cli.parse_gin(["my_model.gin"], [])
+  args = cli.parse_args([f"--gin_search_paths=/elsewhere,{configs}",
+                         "--gin_file=my_model.gin"], "test")
   assert args.gin_search_paths == ["/elsewhere", str(configs)]
-  gin_utils.parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
+  cli.parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
   assert gin.query_parameter("%PROMPT_LENGTH") == 11
   assert gin.query_parameter("t5_config.size") == "base"
 
 
 def test_gin_files_are_found_through_the_package(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert gin_utils.PACKAGE_GIN_DIR == os.path.join(
+  assert cli.PACKAGE_GIN_DIR == os.path.join(
       os.path.dirname(prompt_tuning_jax.__file__), "gin_configs")
-  gin_utils.parse_gin(["models/t5_1_1_lm100k_base_prompt.gin", "prompts/from_class_labels.gin",
-                       "runs/prompt_finetune.gin", "models/decoding/beam_search.gin"],
-                      ["CLASS_LABELS = ['yes', 'no']", "MODEL_DIR = '/tmp/x'",
-                       "MIXTURE_OR_TASK_NAME = 'x'", "TASK_FEATURE_LENGTHS = {}",
-                       "INITIAL_CHECKPOINT_PATH = None"])
+  cli.parse_gin(["models/t5_1_1_lm100k_base_prompt.gin", "prompts/from_class_labels.gin",
+                 "runs/prompt_finetune.gin", "models/decoding/beam_search.gin"],
+                ["CLASS_LABELS = ['yes', 'no']", "MODEL_DIR = '/tmp/x'",
+                 "MIXTURE_OR_TASK_NAME = 'x'", "TASK_FEATURE_LENGTHS = {}",
+                 "INITIAL_CHECKPOINT_PATH = None"])
   assert gin.query_parameter("%BATCH_SIZE") == 32
   assert gin.query_parameter("%TRAIN_STEPS") == 30000
   assert gin.query_parameter("%LEARNING_RATE") == 0.3
@@ -139,19 +149,19 @@ def test_gin_files_are_found_through_the_package(tmp_path, monkeypatch):
 
 
 def test_command_line_flags():
-  args = gin_utils.parse_args(["--gin_file=a.gin", "--gin.MODEL_DIR='/tmp/x'", "--gin_file=b.gin",
-                               "--gin.train.seed=3"], "test")
+  args = cli.parse_args(["--gin_file=a.gin", "--gin.MODEL_DIR='/tmp/x'", "--gin_file=b.gin",
+                         "--gin.train.seed=3"], "test")
   assert args.gin_files == ["a.gin", "b.gin"]
   assert args.gin_bindings == ["MODEL_DIR = '/tmp/x'", "train.seed = 3"]
   with pytest.raises(SystemExit):
-    gin_utils.parse_args(["--model_dir=/tmp"], "test")
+    cli.parse_args(["--model_dir=/tmp"], "test")
 
 
 @pytest.mark.parametrize("path", MODEL_FILES, ids=os.path.basename)
 def test_model_gin_files_give_the_released_configs(path):
   version, size = re.fullmatch(r"(\w+)_(tiny|small|base|large|xl|xxl)_prompt\.gin",
                                os.path.basename(path)).groups()
-  gin_utils.parse_gin([path], [])
+  cli.parse_gin([path], [])
   assert gin.get_configurable("t5_config")() == config.t5_config(version, size)
   assert gin.query_parameter("%PROMPT_LENGTH") == 100
 
@@ -163,10 +173,41 @@ def test_model_gin_files_cover_every_release():
 
 
 def test_t5_1_1_lm100k_xxl():
-  gin_utils.parse_gin(["models/t5_1_1_lm100k_xxl_prompt.gin"], [])
+  cli.parse_gin(["models/t5_1_1_lm100k_xxl_prompt.gin"], [])
   model_config = gin.get_configurable("t5_config")()
   assert (model_config.emb_dim, model_config.num_heads, model_config.mlp_dim) == (4096, 64, 10240)
   assert model_config.vocab_size == 32128 and not model_config.logits_via_embedding
+
+
+def test_train_settings_are_the_grouped_configs_of_the_run_file(tmp_path):
+  bindings = [f"{name} = {value}" for name, value in train_macros(tmp_path / "run").items()]
+  settings = cli.train_settings(["t5x_tiny.gin", "runs/prompt_finetune.gin"], bindings,
+                                [str(TEST_GIN_DIR)])
+  assert settings["dataset_config"] == training.DatasetConfig(
+      mixture_or_task_name="taskless_super_glue_rte_v102",
+      task_feature_lengths={"inputs": 32, "targets": 4}, batch_size=2)
+  assert settings["eval_config"].period == 0 and settings["checkpoint_config"].period == 1000
+  assert settings["execution"] == config.ExecutionConfig(attention="auto")
+  assert settings["train_steps"] == 2 and settings["prompt_length"] == 3
+
+
+@pytest.mark.parametrize("main, run_file, macros", [
+    (train.main, "runs/prompt_finetune.gin", {}),
+    (eval_lib.main, "runs/prompt_eval.gin", {"PROMPT_FILE": "'p.npy'", "EVAL_OUTPUT_DIR": "OUT"}),
+    (infer.main, "runs/prompt_infer.gin", {"PROMPT_FILE": "'p.npy'", "INFER_OUTPUT_DIR": "OUT"}),
+    (ensemble.main, "runs/prompt_ensemble_eval.gin",
+     {"PROMPT_FILES": "['p.npy']", "EVAL_OUTPUT_DIR": "OUT"}),
+], ids=["train", "eval", "infer", "ensemble"])
+def test_an_unknown_attention_implementation_is_one_line_and_writes_nothing(tmp_path, capsys, main,
+                                                                            run_file, macros):
+  out = tmp_path / "out"
+  macros = {name: repr(str(out)) if value == "OUT" else value for name, value in macros.items()}
+  with pytest.raises(SystemExit) as exit_info:
+    main(train_flags(out, run_file, ATTENTION_IMPLEMENTATION="'bogus'", **macros))
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count("\n") == 1
+  assert err.startswith("error: ATTENTION_IMPLEMENTATION='bogus' is not one of")
+  assert not out.exists()
 
 
 USER_TASKS = '''\
@@ -229,8 +270,8 @@ def test_multi_host_start(monkeypatch, env, expected):
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   calls = []
-  monkeypatch.setattr(gin_utils.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-  gin_utils.maybe_initialize_distributed()
+  monkeypatch.setattr(cli.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  cli.maybe_initialize_distributed()
   assert calls == ([] if expected is None else [expected])
 
 
@@ -239,6 +280,6 @@ def test_multi_host_start_names_bad_process_numbers(monkeypatch, num_processes, 
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   monkeypatch.setenv("JAX_NUM_PROCESSES", num_processes)
   monkeypatch.setenv("JAX_PROCESS_ID", process_id)
-  monkeypatch.setattr(gin_utils.jax.distributed, "initialize", lambda **kwargs: pytest.fail("started"))
+  monkeypatch.setattr(cli.jax.distributed, "initialize", lambda **kwargs: pytest.fail("started"))
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES=.* and JAX_PROCESS_ID=.*: set both"):
-    gin_utils.maybe_initialize_distributed()
+    cli.maybe_initialize_distributed()

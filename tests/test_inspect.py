@@ -11,14 +11,13 @@ from prompt_tuning_jax import inspect as inspect_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO.parent / "shared" / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3"
-needs_checkpoint = pytest.mark.skipif(not CHECKPOINT.is_dir(), reason=f"{CHECKPOINT} not found")
+needs_checkpoint = pytest.mark.needs_shared(CHECKPOINT)
 TINY_JSON = {
     "vocab_size": 32128, "emb_dim": 4, "num_heads": 2, "head_dim": 2, "mlp_dim": 8,
     "num_encoder_layers": 2, "num_decoder_layers": 2, "mlp_activations": ["gelu", "linear"],
     "logits_via_embedding": False, "relative_attention_num_buckets": 4,
     "relative_attention_max_distance": 8, "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6,
-    "dtype": "float32", "float32_attention_logits": True, "remat_policy": "none",
-    "scan_layers": False, "attention_chunks": None,
+    "dtype": "float32", "float32_attention_logits": True,
 }
 # 4 * 32128 (embedding) + 4 * 32128 (logits) + per layer 4 attention kernels 4x4 and 3 MLP kernels of
 # 32 in the encoder (2 norms) and 8 attention kernels plus MLP in the decoder (3 norms), 2 norms, 2

@@ -1,5 +1,4 @@
 """The Flax T5 and its prompt hook: parameter names and axes, prompt placement, masks, dtypes."""
-import re
 
 import flax.linen as nn
 import jax
@@ -7,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import checkpoints, config, network, prompt_initializers, prompts
+from prompt_tuning_jax import checkpoints, config, network, prompt_initializers, prompts, trees
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0]], np.int32)
 TARGETS = np.array([[11, 12, 1, 0], [13, 1, 0, 0]], np.int32)
@@ -105,45 +104,6 @@ def test_prompt_is_just_extra_input_positions(tiny_config, tiny_params):
                              atol=1e-5)
 
 
-def test_first_layer_with_the_prompt_as_a_shared_prefix_equals_the_full_rows(tiny_config):
-  """`EncoderLayer` given its rows also as a `SharedPrefix` computes the same output and prompt gradient."""
-  cfg = tiny_config.replace(num_heads=3)  # heads * kv = 12, apart from embed = 8
-  layer = network.EncoderLayer(cfg)
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  prefix = jax.random.normal(keys[0], (1, 3, 8))
-  rest = jax.random.normal(keys[1], (2, 5, 8))
-  bias = jax.random.normal(keys[2], (2, 3, 8, 8))
-  rows = lambda p: jnp.concatenate([jnp.broadcast_to(p, (2, 3, 8)), rest], axis=1)
-  params = layer.init(keys[3], rows(prefix), bias)
-  full = lambda p: layer.apply(params, rows(p), bias)
-  shared = lambda p: layer.apply(params, rows(p), bias, False, network.SharedPrefix(p, rest))
-  np.testing.assert_allclose(jax.jit(shared)(prefix), jax.jit(full)(prefix), rtol=1e-5, atol=1e-5)
-  grad = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(f(p)))))(prefix)
-  np.testing.assert_allclose(grad(shared), grad(full), rtol=1e-4, atol=1e-5)
-
-
-def test_a_single_prefix_prompt_is_projected_once_and_input_rows_take_no_input_gradient(
-    tiny_config):
-  """In the compiled prompt gradient, the first layer's query kernel multiplies the prompt once for the
-  batch and the input rows forward only; its input gradient is the prompt's alone, `[P, embed]`."""
-  cfg = tiny_config.replace(num_heads=3)  # heads * kv = 12, apart from embed = 8
-  model = network.T5(cfg, prompts.PromptConfig(3))
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), INPUTS, DECODER_INPUTS))["params"]
-
-  def loss(prompt, params, inputs):
-    logits = model.apply({"params": _with_prompt(params, prompt)}, inputs, DECODER_INPUTS, TARGETS)
-    return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
-  hlo = jax.jit(jax.grad(loss)).lower(params["encoder"]["prompt"]["prompt"]["prompt"], params,
-                                      INPUTS).compile().as_text()
-  shapes = sorted(tuple(int(n) for n in re.search(r"f32\[([\d,]+)\]\S* dot\(", line)[1].split(","))
-                  for line in hlo.splitlines()
-                  if " dot(" in line and "layers_0/attention/query/dot_general" in line)
-  batch, length = INPUTS.shape
-  # Forward: the prompt [3, heads * kv] once, the inputs [batch * length, heads * kv]; backward:
-  # [3, embed]. Without the shared prefix: [batch * (length + 3), ...] both ways.
-  assert shapes == sorted([(3, 12), (batch * length, 12), (3, cfg.emb_dim)])
-
-
 def _combine(mode, prompt, x, mask):
   fn = {"prefix": prompts.combine_prefix, "prefix_after_bos": prompts.combine_prefix_after_bos,
         "suffix": prompts.combine_suffix}[mode]
@@ -194,81 +154,16 @@ def test_random_uniform_prompt_init_is_in_range(tiny_config, tiny_params):
   assert float(jnp.max(jnp.abs(prompt))) <= 0.3
 
 
-def test_cross_attention_through_inputs_equals_projected_keys_and_values():
-  """Few queries over many inputs take the reassociated path; it must equal T5's plain attention."""
-  cfg = config.t5_config("t5_1_1", "tiny", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=16)
-  batch, queries, keys = 2, 3, 40
-  assert network.attends_through_inputs(queries, keys, cfg.emb_dim, cfg.head_dim)
-  assert not network.attends_through_inputs(keys, keys, cfg.emb_dim, cfg.head_dim)
-  rng = np.random.default_rng(0)
-  inputs_q = rng.normal(size=(batch, queries, cfg.emb_dim)).astype(np.float32)
-  inputs_kv = rng.normal(size=(batch, keys, cfg.emb_dim)).astype(np.float32)
-  key_mask = np.arange(keys)[None, :] < np.array([[keys], [25]])
-  bias = network.attention_bias(jnp.ones((batch, queries), bool), jnp.asarray(key_mask))
-  attention = network.MultiHeadAttention(cfg)
-  params = nn.unbox(attention.init(jax.random.PRNGKey(0), inputs_q, inputs_kv, bias))["params"]
-  out = jax.jit(attention.apply)({"params": params}, inputs_q, inputs_kv, bias)
-
-  kernel = lambda name: np.asarray(params[name]["kernel"], np.float64)
-  heads = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
-  query, key, value = (heads(x @ kernel(n)) for x, n in ((inputs_q, "query"), (inputs_kv, "key"),
-                                                           (inputs_kv, "value")))
-  logits = np.einsum("bqhd,bkhd->bhqk", query, key) + np.asarray(bias)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  expected = np.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, queries, -1) @ kernel("out")
-  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_over_batch_chunks_interleaves_and_restores_the_order():
-  x = jnp.arange(6 * 3, dtype=jnp.float32).reshape(6, 3)
-  shared = jnp.full((1, 3), 100.0)
-  # Each row gets its chunk's sum of first entries: chunk j holds examples j and j + 3.
-  fn = lambda a, b: a * 2 + b + jnp.sum(a[:, 0])
-  out = jax.jit(lambda a, b: network.over_batch_chunks(fn, 3, a, b))(x, shared)
-  chunk_sums = np.array([0 + 9, 3 + 12, 6 + 15, 0 + 9, 3 + 12, 6 + 15], np.float32)[:, None]
-  np.testing.assert_array_equal(out, x * 2 + 100 + chunk_sums)
-  np.testing.assert_array_equal(network.over_batch_chunks(fn, 1, x, shared), x * 2 + 100 + 45)
-
-
-def test_attention_in_batch_chunks_equals_one_chunk():
-  """Self-attention's core in interleaved batch chunks: the same outputs and input gradients."""
-  cfg = config.t5_config("t5_1_1", "tiny", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=16)
-  batch, length = 4, 6
-  rng = np.random.default_rng(0)
-  inputs = jnp.asarray(rng.normal(size=(batch, length, cfg.emb_dim)), jnp.float32)
-  mask = jnp.asarray(np.arange(length)[None, :] < np.array([[6], [4], [6], [2]]))
-  bias = network.attention_bias(mask, mask) + jnp.asarray(rng.normal(size=(1, 2, length, length)),
-                                                           jnp.float32)
-  params = nn.unbox(network.MultiHeadAttention(cfg).init(jax.random.PRNGKey(0), inputs, inputs,
-                                                         bias))["params"]
-
-  def out_and_grad(chunks, bias):
-    attention = network.MultiHeadAttention(cfg.replace(attention_chunks=chunks))
-    loss = lambda x: jnp.sum(jnp.sin(attention.apply({"params": params}, x, x, bias)))
-    return jax.jit(jax.value_and_grad(loss))(inputs)
-
-  for b in (bias, bias[:1]):  # per example, and one bias for the whole batch
-    expected = out_and_grad(1, b)
-    for chunks in (2, 4, 3):  # 3 does not divide the batch: one chunk
-      np.testing.assert_allclose(out_and_grad(chunks, b)[0], expected[0], rtol=1e-6)
-      np.testing.assert_allclose(out_and_grad(chunks, b)[1], expected[1], rtol=1e-5, atol=1e-6)
-  assert network.attention_chunks(cfg, 32) == (2 if jax.default_backend() == "cpu" else 1)
-  assert network.attention_chunks(cfg, 5) == 1
-  assert network.attention_chunks(cfg.replace(attention_chunks=4), 8) == 4
-  with pytest.raises(ValueError, match="attention_chunks=0"):
-    cfg.replace(attention_chunks=0)
-
-
 @pytest.mark.parametrize("remat_policy", ["none", "full"])
 def test_scanned_layers_equal_one_module_per_layer(tiny_config, tiny_params, remat_policy):
   """`scan_layers` stacks the same parameters on a `layers` axis; logits and prompt gradients agree."""
-  cfg = tiny_config.replace(remat_policy=remat_policy)
-  scanned_cfg = cfg.replace(scan_layers=True)
+  cfg = tiny_config
+  execution = config.ExecutionConfig(remat_policy=remat_policy)
+  scanned = execution.replace(scan_layers=True)
   prompt = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.emb_dim))
   params = _with_prompt(tiny_params, prompt)
-  stacked = checkpoints.unflatten(checkpoints.stack_layers(checkpoints.flatten(params), scanned_cfg))
-  variables = jax.eval_shape(network.T5(scanned_cfg, prompts.PromptConfig(3)).init,
+  stacked = trees.unflatten(checkpoints.stack_layers(trees.flatten(params), True))
+  variables = jax.eval_shape(network.T5(cfg, prompts.PromptConfig(3), scanned).init,
                              jax.random.PRNGKey(0), INPUTS, DECODER_INPUTS)
   assert (jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(variables)["params"])
           == jax.tree_util.tree_map(np.shape, stacked))
@@ -278,13 +173,63 @@ def test_scanned_layers_equal_one_module_per_layer(tiny_config, tiny_params, rem
   assert stacked["decoder"]["layers"]["mlp"]["wo"]["kernel"].shape == (
       cfg.num_decoder_layers, cfg.mlp_dim, cfg.emb_dim)
 
-  def loss_and_grad(model_config, p):
-    model = network.T5(model_config, prompts.PromptConfig(3))
+  def loss_and_grad(execution, p):
+    model = network.T5(cfg, prompts.PromptConfig(3), execution)
     def loss(prompt_value):
       logits = model.apply({"params": _with_prompt(p, prompt_value)}, INPUTS, DECODER_INPUTS, TARGETS)
       return jnp.sum(jax.nn.log_softmax(logits)[..., 0]), logits
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
-  (_, logits), grad = loss_and_grad(cfg, params)
-  (_, scanned_logits), scanned_grad = loss_and_grad(scanned_cfg, stacked)
+  (_, logits), grad = loss_and_grad(execution, params)
+  (_, scanned_logits), scanned_grad = loss_and_grad(scanned, stacked)
   np.testing.assert_allclose(scanned_logits, logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(scanned_grad, grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
+@pytest.mark.parametrize("implementation", ["cpu"])
+def test_every_attention_implementation_gives_xlas_logits_and_prompt_gradients(
+    tiny_config, implementation, dropout_rate):
+  """Under `jax.jit`, with a prompt, padding, a cross-attention that goes through its inputs and a
+  batch split in chunks: the logits and the prompt's gradient of `"xla"`, within float32 rounding.
+  With dropout the masks are drawn alike, so they agree too. (`"cudnn"`: tests/test_attention.py,
+  on a GPU.)"""
+  cfg = tiny_config.replace(num_heads=3, dropout_rate=dropout_rate)
+  inputs = np.concatenate([INPUTS, INPUTS[::-1]])  # a batch of 4: two chunks
+  decoder_inputs, targets = (np.concatenate([x, x[::-1]]) for x in (DECODER_INPUTS, TARGETS))
+  prompt = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.emb_dim))
+  results = {}
+  for name in ("xla", implementation):
+    model = network.T5(cfg, prompts.PromptConfig(3), config.ExecutionConfig(attention=name))
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), inputs, decoder_inputs))["params"]
+
+    def loss(prompt_value, params=params, model=model):
+      logits = model.apply({"params": _with_prompt(params, prompt_value)}, inputs, decoder_inputs,
+                           targets, enable_dropout=dropout_rate > 0,
+                           rngs={"dropout": jax.random.PRNGKey(2)})
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 1:4]), logits
+    results[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
+  (_, logits), grad = results["xla"]
+  (_, other_logits), other_grad = results[implementation]
+  np.testing.assert_allclose(other_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(other_grad, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_execution_config_is_refused_when_unknown_or_unresolved(tiny_config):
+  with pytest.raises(ValueError, match="ATTENTION_IMPLEMENTATION='bogus'"):
+    config.ExecutionConfig(attention="bogus")
+  with pytest.raises(ValueError, match="attention_chunks=0"):
+    config.ExecutionConfig(attention_chunks=0)
+  with pytest.raises(ValueError, match="ExecutionConfig.scan_layers"):
+    config.t5_config("t5_1_1", "tiny", scan_layers=True)
+  auto = config.ExecutionConfig(attention="auto")
+  with pytest.raises(ValueError, match="resolved"):
+    jax.eval_shape(network.T5(tiny_config, execution=auto).init, jax.random.PRNGKey(0), INPUTS,
+                   DECODER_INPUTS)
+  bf16 = tiny_config.replace(dtype=jnp.bfloat16, head_dim=8)
+  assert auto.for_platform("cpu", tiny_config).attention == "cpu"
+  assert auto.for_platform("tpu", tiny_config).attention == "xla"
+  assert auto.for_platform("gpu", tiny_config).attention == "xla"  # float32: cuDNN does not apply
+  assert auto.for_platform("gpu", bf16).attention == "cudnn"
+  assert config.ExecutionConfig(attention="cpu").for_platform("tpu", bf16).attention == "cpu"
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+    config.ExecutionConfig(attention="cudnn").for_platform("cpu", bf16)

@@ -34,15 +34,15 @@ def test_small_fits_and_shards_over_the_model_axis():
 
 
 def test_remat_saves_activation_memory_in_the_plan():
-  none = _plan(*SMALL, "1x1", "tpu_v3", *SHORT, "--gin.t5_config.remat_policy='none'")
-  full = _plan(*SMALL, "1x1", "tpu_v3", *SHORT, "--gin.t5_config.remat_policy='full'")
+  none = _plan(*SMALL, "1x1", "tpu_v3", *SHORT, "--gin.ExecutionConfig.remat_policy='none'")
+  full = _plan(*SMALL, "1x1", "tpu_v3", *SHORT, "--gin.ExecutionConfig.remat_policy='full'")
   assert full["temporary_bytes"] < 0.8 * none["temporary_bytes"], (full, none)
 
 
 def test_scanned_layers_plan_like_unrolled_layers():
-  unrolled = _plan(*SMALL, "1x2", "tpu_v3", *SHORT, "--gin.t5_config.remat_policy='full'")
-  scanned = _plan(*SMALL, "1x2", "tpu_v3", *SHORT, "--gin.t5_config.remat_policy='full'",
-                  "--gin.t5_config.scan_layers=True")
+  unrolled = _plan(*SMALL, "1x2", "tpu_v3", *SHORT, "--gin.ExecutionConfig.remat_policy='full'")
+  scanned = _plan(*SMALL, "1x2", "tpu_v3", *SHORT, "--gin.ExecutionConfig.remat_policy='full'",
+                  "--gin.ExecutionConfig.scan_layers=True")
   assert scanned["fits"]
   # XLA counts a loop's body once; the plan counts every layer.
   assert scanned["flops_per_device"] == pytest.approx(unrolled["flops_per_device"], rel=0.005)
@@ -59,7 +59,7 @@ def test_bad_mesh_is_one_line_error():
 
 
 XXL = ("models/t5_1_1_lm100k_xxl_prompt.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 8}",
-       "--gin.t5_config.dtype='bfloat16'", "--gin.t5_config.remat_policy='full'")
+       "--gin.t5_config.dtype='bfloat16'", "--gin.ExecutionConfig.remat_policy='full'")
 
 
 @pytest.mark.skipif(not os.environ.get("RUN_BENCHMARKS"),

@@ -4,8 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import T5X_TINY_CHECKPOINT
-from prompt_tuning_jax import checkpoints
 from prompt_tuning_jax import prompt_initializers as inits
 from prompt_tuning_jax import vocabularies
 
@@ -83,10 +81,3 @@ def test_random_uniform_rejects_a_non_matrix_shape():
   with pytest.raises(ValueError, match=r"\[prompt_length, embed_dim\]"):
     _run(inits.random_uniform(), (3, 4, 5))
 
-
-def test_from_checkpoint_reads_a_variable_of_a_t5x_checkpoint(shared_dir):
-  init = inits.from_checkpoint(str(T5X_TINY_CHECKPOINT), "encoder/relpos_bias/rel_embedding")
-  _, params = checkpoints.load_checkpoint(str(T5X_TINY_CHECKPOINT))
-  np.testing.assert_array_equal(_run(init, (2, 4)), params["encoder"]["relpos_bias"]["rel_embedding"])
-  with pytest.raises(ValueError, match=r"the prompt is \(2, 4\) but the model wants \(3, 4\)"):
-    _run(init, (3, 4))

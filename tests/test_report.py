@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
       "--gin.PROMPT_LENGTH=4", "--gin.BATCH_SIZE=4", "--gin.TRAIN_STEPS=20",
       "--gin.EVAL_PERIOD=10", "--gin.CHECKPOINT_PERIOD=10", "--gin.train.log_period=5",
-      "--gin.train.eval_num_examples=8", "--gin.train.progress_bar=False",
+      "--gin.EvalConfig.num_examples=8", "--gin.train.progress_bar=False",
   ])
   gin.clear_config()
   return directory

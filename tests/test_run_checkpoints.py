@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_tuning_jax import checkpoints, optimizers, run_checkpoints, train, trainer
+from prompt_tuning_jax import (checkpoints, freezing, optimizers, run_checkpoints, trainer,
+                               training, trees)
 from prompt_tuning_jax.checkpoints import CheckpointError
 
 PROMPT_FILE = "encoder.prompt.prompt.prompt"
@@ -149,6 +150,44 @@ def test_run_config_is_written_once_and_a_different_run_is_refused(tmp_path):
   assert os.listdir(tmp_path / "run") == ["run_config.json"]
 
 
+def test_retired_settings_of_a_recorded_run_are_ignored(tmp_path):
+  recorded = {"model_config": {"emb_dim": 4, "remat_policy": "full"}, "seed": 0}
+  (tmp_path / "run_config.json").write_text(json.dumps(recorded))
+  now = {"model_config": {"emb_dim": 4}, "seed": 0}
+  assert run_checkpoints.check_run_config(str(tmp_path), now,
+                                          retired_keys=("model_config.remat_policy", "a.b")) == {}
+  with pytest.raises(ValueError, match="model_config"):
+    run_checkpoints.check_run_config(str(tmp_path), now)
+  assert json.loads((tmp_path / "run_config.json").read_text()) == recorded
+
+
+def test_a_run_recorded_before_execution_settings_and_grouped_settings_resumes(tmp_path,
+                                                                               tiny_config):
+  """`run_config.json` as train wrote it before `ExecutionConfig` and the grouped settings: flat
+  names, and the execution settings inside `model_config`."""
+  identity = training._run_identity(  # pylint: disable=protected-access
+      dataset_config=training.DatasetConfig("rte", {"inputs": 32, "targets": 4}, batch_size=4),
+      train_steps=6, model_config=tiny_config, prompt_length=3, prompt_combine="prefix",
+      initial_checkpoint_path=None, trainable_patterns=freezing.PROMPT_ONLY,
+      loss_config=trainer.LossConfig(), num_microbatches=1, eval_config=training.EvalConfig(),
+      checkpoint_config=training.CheckpointConfig(period=3), log_period=10, seed=0,
+      skip_nonfinite_steps=False)
+  recorded = {
+      "mixture_or_task_name": "rte", "task_feature_lengths": {"inputs": 32, "targets": 4},
+      "train_steps": 6, "batch_size": 4,
+      "model_config": dict(identity["model_config"], remat_policy="none", attention_chunks=None),
+      "prompt_length": 3, "prompt_combine": "prefix", "initial_checkpoint_path": None,
+      "trainable_patterns": ["encoder/prompt/.*"], "loss_config": identity["loss_config"],
+      "num_microbatches": 1, "eval_period": 0, "checkpoint_period": 3, "keep_checkpoints": 3,
+      "log_period": 10, "eval_num_examples": None, "seed": 0, "skip_nonfinite_steps": False}
+  (tmp_path / "run_config.json").write_text(json.dumps(recorded))
+  check = lambda run_config: run_checkpoints.check_run_config(
+      str(tmp_path), run_config, training.MUTABLE_RUN_SETTINGS, training.RETIRED_RUN_SETTINGS)
+  assert check(identity) == {}
+  with pytest.raises(ValueError, match="prompt_length: 3 in the run, 4 now"):
+    check(dict(identity, prompt_length=4))
+
+
 def test_run_config_refuses_checkpoints_without_a_config(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(ValueError, match="no run_config.json"):
@@ -189,13 +228,13 @@ def test_best_prompt_lower_is_better(checkpointer):
 # Partial loading (`checkpoints.apply_assignment_map`), how a run starts from a T5X or HF checkpoint.
 
 
-@pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
+@pytest.mark.needs_shared(T5X_CHECKPOINT)
 def test_assignment_map_on_the_real_t5x_checkpoint():
   config, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
   targets = checkpoints.param_shapes(config, prompt_length=3)
   loaded, missing = checkpoints.apply_assignment_map(
       params, targets, [(r"decoder/.*", None), (r"encoder/prompt/.*", None)])
-  flat = checkpoints.flatten(params)
+  flat = trees.flatten(params)
   assert missing == sorted(name for name in targets
                            if name.startswith("decoder/") or name == checkpoints.PROMPT_PATH)
   assert sorted(loaded) == sorted(set(targets) - set(missing))
@@ -207,32 +246,36 @@ def test_assignment_map_on_the_real_t5x_checkpoint():
   assert missing == [checkpoints.PROMPT_PATH]
 
 
-@pytest.mark.skipif(not T5X_CHECKPOINT.is_dir(), reason=f"{T5X_CHECKPOINT} not found")
+@pytest.mark.needs_shared(T5X_CHECKPOINT)
 def test_load_frozen_params_starts_skipped_params_from_scratch():
-  """Through `train.load_frozen_params`: the skipped decoder is `init_params`'s, the rest the
-  checkpoint's."""
+  """Through `checkpoints.load_frozen_params`: the skipped decoder is `init_params`'s, the rest the
+  checkpoint's; with `scan_layers`, the same stacked."""
   config, params = checkpoints.load_checkpoint(str(T5X_CHECKPOINT))
   rng = jax.random.PRNGKey(3)
-  loaded = train.load_frozen_params(config, str(T5X_CHECKPOINT), [(r"decoder/.*", None)], rng)
+  assignment_map = [(r"decoder/.*", None)]
+  loaded = checkpoints.load_frozen_params(config, str(T5X_CHECKPOINT), assignment_map, rng)
   assert sorted(loaded) == sorted(checkpoints.param_shapes(config))
   fresh = checkpoints.init_params(config, rng)
   for name, array in loaded.items():
-    source = fresh if name.startswith("decoder/") else checkpoints.flatten(params)
+    source = fresh if name.startswith("decoder/") else trees.flatten(params)
     np.testing.assert_array_equal(np.asarray(array), np.asarray(source[name]), err_msg=name)
+  stacked = checkpoints.load_frozen_params(config, str(T5X_CHECKPOINT), assignment_map, rng,
+                                           scan_layers=True)
+  expected = checkpoints.stack_layers(loaded, True)
+  assert sorted(stacked) == sorted(expected)
+  for name, array in expected.items():
+    np.testing.assert_array_equal(np.asarray(stacked[name]), np.asarray(array), err_msg=name)
 
 
-def test_init_params_one_layout_for_scanned_and_unrolled_and_any_subset(tiny_config):
+def test_init_params_in_the_checkpoint_layout_whole_or_any_subset(tiny_config):
   rng = jax.random.PRNGKey(0)
   full = checkpoints.init_params(tiny_config, rng)
   assert {name: x.shape for name, x in full.items()} == checkpoints.param_shapes(tiny_config)
-  scanned = checkpoints.init_params(tiny_config.replace(scan_layers=True), rng)
   subset = ["encoder/layers_1/mlp/wo/kernel", "decoder/decoder_norm/scale", "token_embedder/embedding"]
   some = checkpoints.init_params(tiny_config, rng, subset)
   assert sorted(some) == sorted(subset)
-  for name in full:
-    np.testing.assert_array_equal(scanned[name], full[name], err_msg=name)
-    if name in some:
-      np.testing.assert_array_equal(some[name], full[name], err_msg=name)
+  for name in some:
+    np.testing.assert_array_equal(some[name], full[name], err_msg=name)
   name = "encoder/layers_{}/attention/query/kernel"
   assert not np.allclose(full[name.format(0)], full[name.format(1)])  # each layer its own draw
   assert 0.5 < np.std(full["token_embedder/embedding"]) < 2  # T5X's embedding init: stddev 1
@@ -240,7 +283,7 @@ def test_init_params_one_layout_for_scanned_and_unrolled_and_any_subset(tiny_con
 
 def test_unstack_layers_inverts_stack_layers(tiny_config):
   flat = checkpoints.init_params(tiny_config, jax.random.PRNGKey(0))
-  stacked = checkpoints.stack_layers(flat, tiny_config.replace(scan_layers=True))
+  stacked = checkpoints.stack_layers(flat, True)
   assert stacked["encoder/layers/mlp/wo/kernel"].shape == (
       tiny_config.num_encoder_layers, tiny_config.mlp_dim, tiny_config.emb_dim)
   unstacked = checkpoints.unstack_layers(stacked)

@@ -1,5 +1,5 @@
-"""Data and model parallel training (also with scanned layers) on 8 simulated CPU devices equals the
-1-device run."""
+"""Data and model parallel training on 8 simulated CPU devices equals the 1-device run, also with
+scanned layers and with the `"cpu"` attention."""
 import json
 import os
 import pathlib
@@ -27,4 +27,5 @@ def test_meshes_8x1_4x2_2x4_match_one_device():
   # The model axis really shards the frozen MLP kernel (mlp axis -> model).
   assert results["4x2"]["kernel_shards"] == 2 and results["2x4"]["kernel_shards"] == 4
   assert results["2x4 scanned layers"]["kernel_shards"] == 4
+  assert results["2x4 cpu attention"]["kernel_shards"] == 4
   assert results["8x1"]["kernel_shards"] == 1

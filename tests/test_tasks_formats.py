@@ -16,7 +16,7 @@ from prompt_tuning_jax import tasks
 from prompt_tuning_jax import vocabularies
 
 DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared data at {DATA_DIR}")
+pytestmark = pytest.mark.needs_shared(DATA_DIR)
 EOS = 1
 
 

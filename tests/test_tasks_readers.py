@@ -8,7 +8,7 @@ import pytest
 from prompt_tuning_jax.tasks import readers
 
 DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no shared data at {DATA_DIR}")
+pytestmark = pytest.mark.needs_shared(DATA_DIR)
 
 
 def super_glue(task, directory, file_name="val.jsonl"):

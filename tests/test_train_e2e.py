@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 
 from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import config
 from prompt_tuning_jax import eval as eval_lib
 from prompt_tuning_jax import infer
 from prompt_tuning_jax import run_checkpoints
 from prompt_tuning_jax import train
 from prompt_tuning_jax import trainer
+from prompt_tuning_jax import training
+from prompt_tuning_jax import trees
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
@@ -28,7 +31,7 @@ CHECKPOINT = SHARED / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint
 TEST_GIN_DIR = REPO_ROOT / "tests" / "gin"
 PROMPT_NAME = "encoder.prompt.prompt.prompt"
 
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not present")
+pytestmark = pytest.mark.needs_shared(SHARED)
 
 
 @pytest.fixture(autouse=True)
@@ -71,13 +74,15 @@ def listing(directory) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-  """An uninterrupted 6-step run; returns (MODEL_DIR, the frozen params of its last step)."""
+  """An uninterrupted 6-step run; returns (MODEL_DIR, the frozen params of its last step, the
+  model it trained)."""
   model_dir = tmp_path_factory.mktemp("full") / "run"
   recorded = {}
   compile_train_step = trainer.compile_train_step
 
-  def recording_compile(*args, **kwargs):
-    step = compile_train_step(*args, **kwargs)
+  def recording_compile(model, *args, **kwargs):
+    recorded["model"] = model
+    step = compile_train_step(model, *args, **kwargs)
 
     def recording_step(state, frozen, batch):
       recorded["frozen"] = frozen
@@ -88,20 +93,28 @@ def full_run(tmp_path_factory):
     monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
     train.main(flags(MODEL_DIR=repr(str(model_dir))))
   gin.clear_config()
-  return model_dir, jax.device_get(recorded["frozen"])
+  return model_dir, jax.device_get(recorded["frozen"]), recorded["model"]
 
 
 def test_frozen_weights_stay_the_checkpoints(full_run):
-  _, frozen = full_run
+  frozen = full_run[1]
   _, expected = checkpoints.load_checkpoint(str(CHECKPOINT))
-  expected, frozen = checkpoints.flatten(expected), checkpoints.flatten(frozen)
+  expected, frozen = trees.flatten(expected), trees.flatten(frozen)
   assert sorted(frozen) == sorted(expected)
   for name, value in expected.items():
     np.testing.assert_array_equal(np.asarray(frozen[name]), value, err_msg=name)
 
 
+def test_the_attention_is_resolved_for_the_devices(full_run):
+  """ATTENTION_IMPLEMENTATION 'auto' (runs/prompt_finetune.gin) becomes the devices' best."""
+  model = full_run[2]
+  expected = config.ExecutionConfig(attention="auto").for_platform(jax.devices()[0].platform,
+                                                                  model.config)
+  assert model.execution == expected and model.execution.attention != "auto"
+
+
 def test_numpy_prompt_is_saved(full_run):
-  model_dir, _ = full_run
+  model_dir = full_run[0]
   prompt = prompt_at(model_dir, 6)
   assert prompt.shape == (3, 4) and prompt.dtype == np.float32
   assert not np.array_equal(prompt, prompt_at(model_dir, 3))
@@ -122,11 +135,13 @@ def test_restart_reaches_the_uninterrupted_prompt(full_run, tmp_path):
   np.testing.assert_array_equal(prompt_at(model_dir, 6), prompt_at(full_run[0], 6))
 
 
-def test_resumed_with_scanned_layers_reaches_the_same_prompt(full_run, tmp_path):
-  """`t5_config.scan_layers` stacks the checkpoint's layers; the run it resumes trains on alike."""
+def test_resumed_with_other_execution_settings_reaches_the_same_prompt(full_run, tmp_path):
+  """`ExecutionConfig.scan_layers` stacks the checkpoint's layers, and the reference attention
+  computes what the devices' own does: the run it resumes trains on alike."""
   model_dir = tmp_path / "run"
   train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="3"))
-  train.main(flags(MODEL_DIR=repr(str(model_dir)), **{"t5_config.scan_layers": "True"}))
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), ATTENTION_IMPLEMENTATION="'xla'",
+                   **{"ExecutionConfig.scan_layers": "True"}))
   np.testing.assert_allclose(prompt_at(model_dir, 6), prompt_at(full_run[0], 6), rtol=1e-5,
                              atol=1e-6)
 
@@ -209,8 +224,8 @@ def test_eval_rejects_a_prompt_file_of_another_model(full_run, tmp_path, capsys,
 
 
 def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
-  """train.length_buckets: batches of RTE's real lengths come in the buckets' shapes, each example
-  whole; the run's eval loss sees its batches cut to the buckets too."""
+  """`DatasetConfig.length_buckets`: batches of RTE's real lengths come in the buckets' shapes,
+  each example whole; the run's eval loss sees its batches cut to the buckets too."""
   shapes, rows = {"train": [], "eval": []}, {"train": 0, "eval": 0}
 
   def recording(kind, compile_step):
@@ -229,7 +244,8 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   model_dir = tmp_path / "run"
   train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="8", EVAL_PERIOD="8",
                    TASK_FEATURE_LENGTHS="{'inputs': 256, 'targets': 4}",
-                   **{"train.length_buckets": "[64, 96, 128]", "train.eval_num_examples": "8"}))
+                   **{"DatasetConfig.length_buckets": "[64, 96, 128]",
+                      "EvalConfig.num_examples": "8"}))
   train_shapes = shapes["train"]
   assert {s[1] for s in train_shapes} <= {64, 96, 128, 256} and len({s[1] for s in train_shapes}) >= 2
   assert all(s[0] == 4 for s in train_shapes) and len(train_shapes) == 8
@@ -240,16 +256,13 @@ def test_length_buckets_train_on_a_few_shapes(tmp_path, monkeypatch):
   assert prompt_at(model_dir, 8).shape == prompt_at(model_dir, 6).shape
 
 
-@pytest.mark.parametrize("queue_ahead", [True, False], ids=["accelerator", "cpu"])
-def test_the_next_batch_is_placed_and_the_next_step_queued_before_waiting(tmp_path, monkeypatch,
-                                                                          queue_ahead):
+def test_the_next_batch_is_placed_and_the_next_step_queued_before_waiting(tmp_path, monkeypatch):
   """Per step: dispatch the step, place the next batch on the mesh, then wait (reading finiteness is
-  the loop's first sync) for the step before, so an accelerator always has the next step queued, or
-  for this step on CPU, where queueing ahead was slower. The last step places nothing, and its save
-  waits for it."""
+  the loop's first sync) for the step before, so the device always has the next step queued, on
+  every platform. The last step places nothing, and its save waits for it."""
   events = []
   compile_train_step, make_array = trainer.compile_train_step, jax.make_array_from_process_local_data
-  read_finiteness = train._read_finiteness  # pylint: disable=protected-access
+  read_finiteness = training._read_finiteness  # pylint: disable=protected-access
 
   def recording_compile(*args, **kwargs):
     step = compile_train_step(*args, **kwargs)
@@ -257,23 +270,19 @@ def test_the_next_batch_is_placed_and_the_next_step_queued_before_waiting(tmp_pa
   monkeypatch.setattr(trainer, "compile_train_step", recording_compile)
   monkeypatch.setattr(jax, "make_array_from_process_local_data",
                       lambda *a: (events.append("place"), make_array(*a))[1])
-  monkeypatch.setattr(train, "_read_finiteness",
+  monkeypatch.setattr(training, "_read_finiteness",
                       lambda metrics: (events.append("wait"), read_finiteness(metrics))[1])
-  monkeypatch.setattr(train, "_queues_steps_ahead", lambda mesh: queue_ahead)
   train.main(flags(MODEL_DIR=repr(str(tmp_path / "run")), TRAIN_STEPS="5", CHECKPOINT_PERIOD="5"))
   batches = [e for i, e in enumerate(events)  # one "place" a batch, not one an array
              if e != "place" or i == 0 or events[i - 1] != "place"]
-  if queue_ahead:
-    assert batches == ["place", "step", "place", "step"] + ["place", "wait", "step"] * 3 + [
-        "wait", "wait"]
-  else:
-    assert batches == ["place"] + ["step", "place", "wait"] * 4 + ["step", "wait"]
+  assert batches == ["place", "step", "place", "step"] + ["place", "wait", "step"] * 3 + [
+      "wait", "wait"]
 
 
 def unshuffled_flags(model_dir) -> list[str]:
   """6 unshuffled steps, evaluated at steps 3 and 6 on 16 validation examples."""
   return flags(MODEL_DIR=repr(str(model_dir)), EVAL_PERIOD="3") + [
-      "--gin.train.shuffle=False", "--gin.train.eval_num_examples=16"]
+      "--gin.DatasetConfig.shuffle=False", "--gin.EvalConfig.num_examples=16"]
 
 
 @pytest.fixture(scope="module")

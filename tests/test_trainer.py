@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_tuning_jax import (checkpoints, freezing, losses, network, optimizers, partitioning, prompts,
-                               trainer, xla_cpu)
+from prompt_tuning_jax import (config, freezing, losses, network, optimizers, partitioning, prompts,
+                               trainer, trees, xla_cpu)
 
 BATCH = 8
 
@@ -39,15 +39,15 @@ def setup(tiny_config, tiny_params):
 
 def test_freeze_mask_selects_the_prompt_and_split_merge_round_trips(setup):
   _, trainable, frozen, _ = setup
-  assert list(checkpoints.flatten(trainable)) == ["encoder/prompt/prompt/prompt"]
+  assert list(trees.flatten(trainable)) == ["encoder/prompt/prompt/prompt"]
   merged = freezing.merge(trainable, frozen)
-  assert len(checkpoints.flatten(merged)) == len(checkpoints.flatten(frozen)) + 1
+  assert len(trees.flatten(merged)) == len(trees.flatten(frozen)) + 1
   with pytest.raises(ValueError, match="No parameter matches"):
     freezing.freeze_mask(frozen)
   with pytest.raises(ValueError, match="both trainable and frozen"):
     freezing.merge(merged, frozen)
   mask = freezing.freeze_mask(merged, (r"encoder/prompt/.*", r".*layer_norm/scale"))
-  assert sum(checkpoints.flatten(mask).values()) == 1 + 2 * 2 + 3 * 2  # prompt + enc and dec norms
+  assert sum(trees.flatten(mask).values()) == 1 + 2 * 2 + 3 * 2  # prompt + enc and dec norms
 
 
 def test_only_the_prompt_learns_and_only_it_has_optimizer_state(setup):
@@ -79,7 +79,7 @@ def test_compiled_steps_take_the_platforms_dot_options_and_agree_with_a_plain_ji
   state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
   batch = make_batch(model.config.vocab_size)
   compiled = trainer.compile_train_step(model, optimizer, mesh, replicated(state), replicated(frozen))
-  onednn = bool(xla_cpu.dot_compiler_options(jax.devices()[0].platform))
+  onednn = "xla_cpu_use_onednn" in xla_cpu.dot_compiler_options(jax.devices()[0].platform)
   assert ("__onednn_fusion" in compiled.lower(state, frozen, batch).compile().as_text()) == onednn
   plain = jax.jit(trainer.with_finiteness(functools.partial(trainer.train_step, model=model,
                                                             optimizer=optimizer)))
@@ -236,8 +236,8 @@ def test_rematerialisation_gives_the_same_loss_and_gradients(tiny_config):
   batch = make_batch(tiny_config.vocab_size)
   results = {}
   for remat in ("none", "full", "dots"):
-    model = network.T5(tiny_config.replace(remat_policy=remat, dropout_rate=0.1),
-                       prompts.PromptConfig(3))
+    model = network.T5(tiny_config.replace(dropout_rate=0.1), prompts.PromptConfig(3),
+                       config.ExecutionConfig(remat_policy=remat))
     tokens = batch["encoder_input_tokens"][:1]
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens))["params"]
     trainable, frozen = freezing.split(params, freezing.freeze_mask(params))

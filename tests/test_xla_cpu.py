@@ -1,7 +1,10 @@
-"""Importing the package turns off XLA:CPU's YNNPACK fusions and its tree reduction rewriter, unless the
-user set those flags; the steps of large products compile with oneDNN's dots on AVX-512 CPUs; our
-tools restart themselves with tcmalloc and glibc's huge-page malloc, and run their steps inline."""
+"""Importing the package changes nothing in the importer's process; the steps of large products
+compile with XLA:CPU's options per computation (YNNPACK's fusions and the tree reduction rewriter
+off, oneDNN's dots on AVX-512) where the user's `XLA_FLAGS` do not set them; tcmalloc and glibc's
+huge pages are an opt-in environment that `python -m prompt_tuning_jax.xla_cpu` prints."""
+import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,95 +17,149 @@ from prompt_tuning_jax import xla_cpu
 
 from conftest import REPO_ROOT
 
-PROBE = """
-import os, jax, jax.numpy as jnp
-{before}
-{import_package}
-hlo = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(-1)).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
-print(os.environ.get("XLA_FLAGS"), "__ynn_fusion" in hlo, "reduce-window" in hlo)
+BUNDLED_CHECKPOINT = (REPO_ROOT / "prompt_tuning_jax" / "demo_data" / "t5x_t5_1_1_tiny"
+                      / "checkpoint_3")
+PROCESS_SETTINGS = ("LD_PRELOAD", "GLIBC_TUNABLES", "XLA_FLAGS")
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiles XLA:CPU's options")
+
+
+def _environ(**env) -> dict[str, str]:
+  """This process's environment without the settings under test, with `env`, our code importable."""
+  environ = {k: v for k, v in os.environ.items() if k not in PROCESS_SETTINGS}
+  return dict(environ, PYTHONPATH=str(REPO_ROOT), **env)
+
+
+def _run(args, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], env=_environ(**env), capture_output=True,
+                        text=True, check=True, timeout=300)
+
+
+IMPORT_EVERYTHING = """
+import importlib, json, os, pkgutil, sys
+import jax, flax, tensorflow, seqio
+from jax._src import xla_bridge
+environ, dispatch = dict(os.environ), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value
+sys.stdout.flush(), sys.stderr.flush(), os.write(1, b"<start>"), os.write(2, b"<start>")
+import prompt_tuning_jax
+names = [m.name for m in pkgutil.walk_packages(prompt_tuning_jax.__path__, "prompt_tuning_jax.")]
+for name in names:
+  importlib.import_module(name)
+sys.stdout.flush(), sys.stderr.flush(), os.write(1, b"<end>"), os.write(2, b"<end>")
+print(json.dumps({"modules": names, "environ_after": dict(os.environ), "environ_before": environ,
+                  "dispatch_unchanged": xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value == dispatch}))
 """
 
 
-def _probe(xla_flags=None, before="", import_package="import prompt_tuning_jax"):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if xla_flags is not None:
-    env["XLA_FLAGS"] = xla_flags
-  env["PYTHONPATH"] = str(REPO_ROOT)
-  done = subprocess.run([sys.executable, "-c", PROBE.format(before=before, import_package=import_package)], env=env,
-                        capture_output=True, text=True, check=True, timeout=300)
-  return done.stdout.split()
+def test_importing_every_module_changes_no_environment_variable_and_prints_nothing():
+  """After jax, flax, tensorflow and seqio (which may log), importing all of ours writes nothing to
+  stdout or stderr, and leaves the environment (`XLA_FLAGS` included) and JAX's dispatch as they
+  were."""
+  done = _run(["-c", IMPORT_EVERYTHING])
+  for stream in (done.stdout, done.stderr):
+    assert stream.split("<start>", 1)[1].split("<end>", 1)[0] == ""
+  result = json.loads(done.stdout.split("<end>", 1)[1])
+  assert {"prompt_tuning_jax.train", "prompt_tuning_jax.xla_cpu",
+          "prompt_tuning_jax.tasks.super_glue"} <= set(result["modules"])
+  assert result["environ_after"] == result["environ_before"]
+  assert result["dispatch_unchanged"]
 
 
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
-TREE_OFF = "--xla_disable_hlo_passes=tree_reduction_rewriter"
+def test_a_tool_runs_without_restarting():
+  done = _run(["-m", "prompt_tuning_jax.inspect", str(BUNDLED_CHECKPOINT)])
+  assert "token_embedder/embedding" in done.stdout
+  assert "restarting" not in done.stdout + done.stderr
 
 
-def test_import_turns_ynn_fusions_and_tree_reductions_off_and_keeps_other_flags():
-  assert _probe("--xla_cpu_enable_fast_math=false") == [
-      "--xla_cpu_enable_fast_math=false", YNN_OFF, TREE_OFF, "False", "False"]
-  # Without the package this jaxlib does fuse through YNNPACK, so the probe can tell; with the user's
-  # own pass list below, the reduction is split in two (`reduce-window`).
-  assert _probe(import_package="")[-2] == "True"
-
-
-def test_a_users_own_settings_and_a_started_backend_are_left_alone():
-  assert _probe("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == [
-      "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT", TREE_OFF, "True", "False"]
-  assert _probe("--xla_disable_hlo_passes=cse_barrier_expander") == [
-      "--xla_disable_hlo_passes=cse_barrier_expander", YNN_OFF, "False", "True"]
-  assert _probe(before="jnp.ones(1).block_until_ready()")[0] == "None"
-
-
-def test_xla_cpu_flags_on_an_environment(monkeypatch):
-  monkeypatch.setattr(xla_cpu, "_backends_started", lambda: False)
-  environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert xla_cpu.xla_cpu_flags(environ) == [YNN_OFF, TREE_OFF]
-  assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN_OFF} {TREE_OFF}"
-  assert xla_cpu.xla_cpu_flags(environ) == [] and xla_cpu.xla_cpu_flags({}) == [YNN_OFF, TREE_OFF]
-  environ = {"XLA_FLAGS": "--xla_disable_hlo_passes=cse_barrier_expander"}
-  assert xla_cpu.xla_cpu_flags(environ) == [YNN_OFF]
-  monkeypatch.setattr(xla_cpu, "_backends_started", lambda: True)
-  environ = {}
-  assert xla_cpu.xla_cpu_flags(environ) == [] and environ == {}
-
-
-def test_dot_compiler_options_choose_onednn_only_where_measured(monkeypatch):
+def test_dot_compiler_options_for_each_platform_and_the_users_flags(monkeypatch):
   monkeypatch.setattr(xla_cpu.platform, "machine", lambda: "x86_64")
   options = lambda name="cpu", flags="", avx512=True: xla_cpu.dot_compiler_options(
       name, {"XLA_FLAGS": flags}, cpu_has_avx512=avx512)
-  assert options() == xla_cpu.ONEDNN_DOTS
-  assert options(flags="--xla_force_host_platform_device_count=8") == xla_cpu.ONEDNN_DOTS
-  assert options("gpu") == {} and options("tpu") == {} and options(avx512=False) == {}
-  assert options(flags="--xla_cpu_use_onednn=false") == {}
-  assert options(None) == (xla_cpu.ONEDNN_DOTS if jax.default_backend() == "cpu" else {})
-  assert options(flags="--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == {}
+  both = {**xla_cpu.CPU_OPTIONS, **xla_cpu.ONEDNN_DOTS}
+  assert options() == both
+  assert options(flags="--xla_force_host_platform_device_count=8") == both
+  assert options("gpu") == {} and options("tpu") == {}
+  assert options(avx512=False) == xla_cpu.CPU_OPTIONS
+  assert options(None) == (both if jax.default_backend() == "cpu" else {})
+  assert options(flags="--xla_cpu_use_onednn=false") == xla_cpu.CPU_OPTIONS
+  assert options(flags="--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == (
+      xla_cpu.CPU_OPTIONS)
+  assert options(flags="--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT") == {
+      "xla_disable_hlo_passes": "tree_reduction_rewriter", **xla_cpu.ONEDNN_DOTS}
+  assert options(flags="--xla_disable_hlo_passes=x --xla_cpu_use_onednn=true") == {
+      "xla_cpu_experimental_ynn_fusion_type": ""}
   monkeypatch.setattr(xla_cpu.platform, "machine", lambda: "aarch64")
-  assert options() == {}
+  assert options() == xla_cpu.CPU_OPTIONS and options("gpu") == {}
 
 
+def _dot_then_reduce(a, b):
+  return jnp.tanh(a @ b).sum(-1)
+
+
+def _exp_then_reduce(x):
+  return jnp.exp(x).sum(-1)
+
+
+def _compiled_text(fn, options, *args) -> str:
+  return jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+
+
+@on_cpu
+def test_the_cpu_options_turn_ynn_fusions_and_tree_reductions_off_in_the_compiled_program():
+  a, x = jnp.ones((64, 64)), jnp.ones((256, 1024))
+  options = xla_cpu.dot_compiler_options("cpu", {})
+  assert "__ynn" in _compiled_text(_dot_then_reduce, {}, a, a)  # this jaxlib's default
+  assert "__ynn" not in _compiled_text(_dot_then_reduce, options, a, a)
+  ynn_off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "reduce-window" in _compiled_text(_exp_then_reduce, ynn_off, x)  # the rewriter's split
+  for text in (_compiled_text(_exp_then_reduce, options, x),
+               _compiled_text(_dot_then_reduce, options, a, a)):
+    assert "reduce-window" not in text and "__ynn" not in text
+
+
+USERS_FLAGS_PROBE = """
+import json, jax, jax.numpy as jnp
+from prompt_tuning_jax import xla_cpu
+options = xla_cpu.dot_compiler_options()
+compiled = lambda fn, *args: jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+dot = compiled(lambda a, b: jnp.tanh(a @ b).sum(-1), jnp.ones((64, 64)), jnp.ones((64, 64)))
+reduce = compiled(lambda x: jnp.exp(x).sum(-1), jnp.ones((256, 1024)))
+print(json.dumps({"options": sorted(options), "ynn": "__ynn" in dot, "onednn": "__onednn" in dot,
+                  "split": "reduce-window" in reduce}))
+"""
+
+
+def _with_users_flags(flags: str) -> dict:
+  return json.loads(_run(["-c", USERS_FLAGS_PROBE], XLA_FLAGS=flags).stdout.splitlines()[-1])
+
+
+@on_cpu
+def test_the_users_xla_flags_win_over_the_options():
+  """A computation's options override `XLA_FLAGS`, so they leave out what `XLA_FLAGS` sets."""
+  # The user's own pass list, without the tree reduction rewriter, stays in force; YNNPACK is off.
+  result = _with_users_flags("--xla_disable_hlo_passes=cse_barrier_expander")
+  assert "xla_disable_hlo_passes" not in result["options"]
+  assert (result["ynn"], result["split"]) == (False, True)
+  assert result["onednn"] == ("xla_cpu_use_onednn" in result["options"])
+  result = _with_users_flags(
+      "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT --xla_cpu_use_onednn=false")
+  assert result == {"options": ["xla_disable_hlo_passes"], "ynn": True, "onednn": False,
+                    "split": False}
+
+
+@on_cpu
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN on x86-64")
 def test_onednn_dots_compile_and_agree_with_eigen():
   """The options give each dot (plain and batched) to oneDNN, with Eigen's results."""
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.normal(size=(4, 48, 32)), jnp.float32) for _ in range(2))
   fn = lambda a, b: (jnp.einsum("bqd,bkd->bqk", a, b), a.reshape(-1, 32) @ b[0].T)
-  compiled = jax.jit(fn, compiler_options=xla_cpu.ONEDNN_DOTS).lower(a, b).compile()
+  compiled = jax.jit(fn, compiler_options={**xla_cpu.CPU_OPTIONS, **xla_cpu.ONEDNN_DOTS}).lower(
+      a, b).compile()
   assert compiled.as_text().count('"kind":"__onednn_fusion"') == 2
-  for ours, eigen in zip(compiled(a, b), jax.jit(fn)(a, b)):
-    np.testing.assert_allclose(ours, eigen, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["python", "-m", "prompt_tuning_jax.train", "--gin_file=a.gin"], True),
-    (["python", "-mprompt_tuning_jax.demo"], True),
-    (["python", "-X", "dev", "-u", "-m", "prompt_tuning_jax.eval"], True),
-    (["python", "/venv/bin/prompt-tuning-train", "-mx"], True),
-    (["python", "-m", "pytest", "-m", "prompt_tuning_jax.x"], False),
-    (["python", "-c", "pass", "-m", "prompt_tuning_jax.train"], False),
-    (["python", "script.py", "-m", "prompt_tuning_jax.train"], False),
-    (["python"], False),
-])
-def test_is_command_line_tool(argv, expected):
-  assert xla_cpu.is_command_line_tool(argv) is expected
+  eigen = jax.jit(fn, compiler_options=xla_cpu.CPU_OPTIONS)
+  for ours, expected in zip(compiled(a, b), eigen(a, b)):
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_huge_pages_environ():
@@ -113,12 +170,11 @@ def test_huge_pages_environ():
       "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
   for environ, glibc, thp in [({}, None, thp), ({}, (2, 34), thp), ({}, glibc, "always"),
                               ({}, glibc, "never"), ({}, glibc, None),
-                              ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, thp),
-                              ({"PROMPT_TUNING_JAX_HUGE_PAGES": "0"}, glibc, thp)]:
+                              ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, thp)]:
     assert xla_cpu.huge_pages_environ(environ, glibc, thp) is None
 
 
-def test_tool_environ_adds_tcmalloc_unless_preloading_already_or_told_not_to():
+def test_tool_environ_adds_tcmalloc_unless_preloading_already():
   glibc, thp, tcmalloc = (2, 36), "madvise", "libtcmalloc_minimal.so.4"
   assert xla_cpu.tool_environ({"A": "1"}, glibc, thp, tcmalloc) == {
       "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": tcmalloc}
@@ -126,60 +182,50 @@ def test_tool_environ_adds_tcmalloc_unless_preloading_already_or_told_not_to():
   assert xla_cpu.tool_environ({}, glibc, thp, None) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   assert xla_cpu.tool_environ({"LD_PRELOAD": "libjemalloc.so.2"}, glibc, thp, tcmalloc) == {
       "LD_PRELOAD": "libjemalloc.so.2", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  assert xla_cpu.tool_environ({"PROMPT_TUNING_JAX_TCMALLOC": "0"}, glibc, thp, tcmalloc) == {
-      "PROMPT_TUNING_JAX_TCMALLOC": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  # What a restarted tool sees: nothing left to add, so it does not restart again.
-  started = xla_cpu.tool_environ({}, glibc, thp, tcmalloc)
+  started = xla_cpu.tool_environ({}, glibc, thp, tcmalloc)  # nothing left to add once applied
   assert xla_cpu.tool_environ(started, glibc, thp, tcmalloc) is None
-  assert xla_cpu.tool_environ({"PROMPT_TUNING_JAX_TCMALLOC": "0", "PROMPT_TUNING_JAX_HUGE_PAGES": "0"},
-                              glibc, thp, tcmalloc) is None
+  assert xla_cpu.tool_environ({}, None, None, None) is None
 
 
-def _run_tool(**env):
-  environ = {k: v for k, v in os.environ.items()
-             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "PROMPT_TUNING_JAX_HUGE_PAGES",
-                          "PROMPT_TUNING_JAX_TCMALLOC")}
-  environ.update(env, PYTHONPATH=str(REPO_ROOT))
-  return subprocess.run([sys.executable, "-m", "prompt_tuning_jax.inspect", "--help"], env=environ,
-                        capture_output=True, text=True, check=True, timeout=300)
+def test_opt_in_assignments_are_what_the_host_adds(monkeypatch):
+  monkeypatch.setattr(xla_cpu, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(xla_cpu, "_transparent_huge_pages_mode", lambda: "madvise")
+  monkeypatch.setattr(xla_cpu, "_tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
+  assert xla_cpu.opt_in_assignments({"A": "1", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == [
+      "GLIBC_TUNABLES=glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+      "LD_PRELOAD=libtcmalloc_minimal.so.4"]
+  assert xla_cpu.opt_in_assignments({"LD_PRELOAD": "x.so"}) == [
+      "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"]
+  monkeypatch.setattr(xla_cpu, "_tcmalloc_library", lambda: None)
+  monkeypatch.setattr(xla_cpu, "_transparent_huge_pages_mode", lambda: "always")
+  assert xla_cpu.opt_in_assignments({}) == []
 
 
-@pytest.mark.skipif(xla_cpu.host_tool_environ({}) is None,
-                    reason="needs tcmalloc, or glibc 2.35+ with transparent huge pages on request")
-def test_a_tool_restarts_once_with_its_allocator_settings_unless_told_not_to():
-  done = _run_tool()
-  environ = xla_cpu.host_tool_environ({})
-  added = " ".join(f"{k}={environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if k in environ)
-  assert done.stderr.count("prompt_tuning_jax: restarting with") == 1
-  assert f"restarting with {added} (" in done.stderr
-  assert "usage: prompt-tuning-inspect" in done.stdout  # its arguments came through the restart
-  assert "restarting" not in _run_tool(PROMPT_TUNING_JAX_HUGE_PAGES="0",
-                                       PROMPT_TUNING_JAX_TCMALLOC="0").stderr
+NOTHING_TO_ADD = {"LD_PRELOAD": "libc.so.6", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
 
 
-DISPATCH_PROBE = """
-import sys
-{as_tool}
-import prompt_tuning_jax
-from jax._src import xla_bridge
-print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)
-"""
+def test_the_command_prints_this_hosts_assignments_or_nothing():
+  done = _run(["-m", "prompt_tuning_jax.xla_cpu"])
+  assert done.stdout.splitlines() == xla_cpu.opt_in_assignments(_environ()) and done.stderr == ""
+  assert _run(["-m", "prompt_tuning_jax.xla_cpu"], **NOTHING_TO_ADD).stdout == ""
 
 
-def test_a_tool_runs_its_steps_inline_and_a_library_user_dispatches_as_jax_does():
-  environ = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PROMPT_TUNING_JAX_HUGE_PAGES="0",
-                 PROMPT_TUNING_JAX_TCMALLOC="0")  # nothing to restart for
+@pytest.mark.parametrize("env", [{}, NOTHING_TO_ADD])
+def test_the_one_liner_starts_a_command_with_the_opt_in_environment(env):
+  """`env $(python -m prompt_tuning_jax.xla_cpu) COMMAND`, as README and `make demo` run it, also
+  where the host gains nothing."""
+  show = "import os; print(os.environ.get('LD_PRELOAD'), os.environ.get('GLIBC_TUNABLES'))"
+  done = subprocess.run(["sh", "-c", 'env $("$0" -m prompt_tuning_jax.xla_cpu) "$0" -c "$1"',
+                         sys.executable, show], env=_environ(**env), capture_output=True, text=True,
+                        check=True, timeout=300)
+  expected = xla_cpu.host_tool_environ(_environ(**env)) or _environ(**env)
+  assert done.stdout.split() == [str(expected.get(k)) for k in ("LD_PRELOAD", "GLIBC_TUNABLES")]
 
-  def async_dispatch(as_tool: bool) -> str:
-    code = DISPATCH_PROBE.format(as_tool="sys.orig_argv = [sys.executable, '-m', "
-                                 "'prompt_tuning_jax.train']" if as_tool else "")
-    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
-                          check=True, timeout=300).stdout.strip()
-  assert async_dispatch(as_tool=True) == "False"
-  assert async_dispatch(as_tool=False) == "True"
 
-
-def test_run_steps_inline_changes_nothing_once_a_backend_started():
+def test_run_steps_inline_before_and_after_a_backend_starts():
+  code = ("from jax._src import xla_bridge; from prompt_tuning_jax import xla_cpu; "
+          "print(xla_cpu.run_steps_inline(), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)")
+  assert _run(["-c", code]).stdout.split() == ["True", "False"]
   jnp.zeros(1).block_until_ready()
   assert xla_cpu.run_steps_inline() is False
 

@@ -1,9 +1,12 @@
-"""Gin at the entry points: flags, search paths, configurables, required macros, multi-host start.
+"""The command line: T5X's flags, gin search paths, configurables, required macros, multi-host.
 
-The library is gin-free; this module registers its plain functions and classes with
-`gin.external_configurable` under short module-style names (`train`, `evaluate`, `infer`,
-`t5_config`, `prompt_initializers.from_class_labels`, `optimizers.prompt_tuning_adafactor`,
-`LossConfig`, `DecodingConfig`, `t5_vocabulary`), and `run` turns a T5X-style command line
+The library is gin-free; this module, the top of the import graph, registers its plain functions
+and classes with `gin.external_configurable` under short names (`train`, `evaluate`, `infer`,
+`evaluate_ensemble`, `t5_config`, `DatasetConfig`, `EvalConfig`, `CheckpointConfig`,
+`ExecutionConfig`, `LossConfig`, `DecodingConfig`, `t5_vocabulary`,
+`prompt_initializers.from_class_labels`, `optimizers.prompt_tuning_adafactor`, ...), and `run`,
+which the tools' `main` call (`train.py`, `eval.py`, `infer.py`, `ensemble.py`), turns a T5X-style
+command line
 
   --gin_file=models/t5_1_1_lm100k_base_prompt.gin --gin_file=runs/prompt_finetune.gin \\
   --gin.MODEL_DIR="'/tmp/run'" --gin_search_paths=/my/configs
@@ -26,33 +29,38 @@ import jax
 
 import prompt_tuning_jax
 from prompt_tuning_jax import config
-from prompt_tuning_jax import ensemble
-from prompt_tuning_jax import eval as eval_lib
+from prompt_tuning_jax import ensembling
 from prompt_tuning_jax import evaluation
-from prompt_tuning_jax import infer as infer_lib
+from prompt_tuning_jax import inference
 from prompt_tuning_jax import optimizers
 from prompt_tuning_jax import prompt_initializers
 from prompt_tuning_jax import tasks
-from prompt_tuning_jax import train as train_lib
 from prompt_tuning_jax import trainer
+from prompt_tuning_jax import training
 from prompt_tuning_jax import vocabularies
+from prompt_tuning_jax import xla_cpu
 
 PACKAGE_GIN_DIR = os.path.join(os.path.dirname(prompt_tuning_jax.__file__), "gin_configs")
 TASK_MODULE_MACRO = "MIXTURE_OR_TASK_MODULE"
 CLASS_LABELS_MACRO = "CLASS_LABELS"
 # Errors that mean bad input, or a failure the user must act on (a full disk, a NaN loss), rather than
-# a bug (`CheckpointError`, `DataNotFoundError` and `train.NonFiniteError` among them): reported in one
-# line, exit status 2.
+# a bug (`CheckpointError`, `DataNotFoundError` and `training.NonFiniteError` among them): reported in
+# one line, exit status 2.
 USER_ERRORS = (ValueError, OSError, ImportError)
 USAGE_EXIT_CODE = 2
 
 ENTRY_POINTS = {
-    "train": gin.external_configurable(train_lib.train, "train"),
-    "evaluate": gin.external_configurable(eval_lib.evaluate_prompt, "evaluate"),
-    "infer": gin.external_configurable(infer_lib.infer, "infer"),
-    "evaluate_ensemble": gin.external_configurable(ensemble.evaluate_ensemble, "evaluate_ensemble"),
+    "train": gin.external_configurable(training.train, "train"),
+    "evaluate": gin.external_configurable(inference.evaluate_prompt, "evaluate"),
+    "infer": gin.external_configurable(inference.infer, "infer"),
+    "evaluate_ensemble": gin.external_configurable(ensembling.evaluate_ensemble,
+                                                   "evaluate_ensemble"),
 }
 gin.external_configurable(config.t5_config, "t5_config")
+gin.external_configurable(config.ExecutionConfig, "ExecutionConfig")
+gin.external_configurable(training.DatasetConfig, "DatasetConfig")
+gin.external_configurable(training.EvalConfig, "EvalConfig")
+gin.external_configurable(training.CheckpointConfig, "CheckpointConfig")
 gin.external_configurable(trainer.LossConfig, "LossConfig")
 gin.external_configurable(evaluation.DecodingConfig, "DecodingConfig")
 gin.external_configurable(vocabularies.t5_vocabulary, "t5_vocabulary")
@@ -248,12 +256,16 @@ def _class_labels(entry: str) -> dict[str, Any]:
 def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
   """Parses the command line and gin config, then calls the entry point (`train`, ...).
 
+  First, before JAX starts a backend, has the CPU client run each step in the calling thread
+  (`xla_cpu.run_steps_inline`), so a step's temporaries are freed before the next one allocates.
+
   Returns:
     What the entry point returns.
 
   Raises:
     SystemExit: with status 2 after printing `error: ...` when the input is bad.
   """
+  xla_cpu.run_steps_inline()
   args = parse_args(sys.argv[1:] if argv is None else argv, description)
   logging.getLogger("prompt_tuning_jax").setLevel(logging.INFO)
   try:
@@ -287,7 +299,7 @@ def train_settings(gin_files: Sequence[str], gin_bindings: Sequence[str],
   import_task_modules()
   check_entry_arguments("train")
   settings = {}
-  for name, parameter in inspect.signature(train_lib.train).parameters.items():
+  for name, parameter in inspect.signature(training.train).parameters.items():
     try:
       # Gin's references evaluate themselves when deep-copied, as gin does when it calls `train`.
       settings[name] = copy.deepcopy(gin.query_parameter(f"train.{name}"))

@@ -1,0 +1,556 @@
+"""A training run: `train()`, behind `python -m prompt_tuning_jax.train`.
+
+`train()` is plain Python (the command line binds its arguments with gin): it loads the frozen
+model from INITIAL_CHECKPOINT_PATH, builds the prompt, shards both over a `(data, model)` mesh,
+streams the seqio task, runs the compiled train step, evaluates every `EvalConfig.period` steps, and
+saves the resume state (prompt, optimizer state, step, data position) plus the prompt as numpy.
+Restarting the same command resumes from the latest checkpoint that reads back whole and reaches the
+same prompt as an uninterrupted run: the data order is a function of (seed, step). SIGTERM (a
+preemption notice) saves a checkpoint at the current step and returns; a NaN or Inf loss or prompt
+stops the run (or, with `skip_nonfinite_steps`, drops that step's update) and keeps the last good
+checkpoint.
+
+Settings come in groups, as in T5X: `DatasetConfig` (what the run reads), `EvalConfig` (when and on
+what it evaluates), `CheckpointConfig` (when it saves) and `config.ExecutionConfig` (how the model
+is computed, which a resumed run may change).
+"""
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import seqio
+import tensorflow as tf
+
+from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, metrics_logging,
+                               optimizers, partitioning, prompt_initializers, prompts,
+                               run_checkpoints, run_setup, trainer, trees)
+from prompt_tuning_jax.config import ExecutionConfig, T5Config
+from prompt_tuning_jax.network import T5
+from prompt_tuning_jax.run_checkpoints import fault_point
+
+logger = logging.getLogger("prompt_tuning_jax")
+
+# Settings a resumed run may change; any other difference from the run in MODEL_DIR is an error.
+MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
+                        "log_period", "eval_num_examples", "skip_nonfinite_steps")
+# Execution settings that runs recorded inside `model_config` before `ExecutionConfig` held them.
+RETIRED_RUN_SETTINGS = ("model_config.remat_policy", "model_config.attention_chunks")
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                  "decoder_loss_weights")
+
+
+class NonFiniteError(ValueError):
+  """The loss or the prompt became NaN or Inf; the run stopped before saving it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """The examples a run trains on, after T5X's `utils.DatasetConfig`.
+
+  `batch_size` is global (split over the processes and the mesh's `data` axis). `length_buckets`
+  (input lengths before the prompt, e.g. `(64, 128, 256)`) batches examples of similar length
+  together, one compiled step per bucket (`batching.batch`; one host only); the run's evaluations
+  sort their examples by length into the same buckets.
+  """
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  split: str = "train"
+  shuffle: bool = True
+  use_cached: bool = False
+  length_buckets: Sequence[int] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """When and on what a training run evaluates its prompt.
+
+  Every `period` steps and at the last step (0: never) the run decodes `split` of
+  `mixture_or_task_name` (default: the training task), at most `num_examples` of it, scores the
+  predictions with the task's metrics and logs the teacher-forced loss. `best_metric` names a metric
+  (`"accuracy"`, or `"task/metric"`) whose best value keeps its prompt in `MODEL_DIR/best`.
+  """
+  period: int = 0
+  split: str = "validation"
+  mixture_or_task_name: Optional[str] = None
+  num_examples: Optional[int] = None
+  decoding_config: evaluation.DecodingConfig = evaluation.DecodingConfig()
+  best_metric: Optional[str] = None
+  best_higher_is_better: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When a training run saves its state and how many saves it keeps, after T5X's
+  `utils.SaveCheckpointConfig`. `period` None saves every `EvalConfig.period` steps, or only at the
+  end; the last step and SIGTERM always save. The numpy prompts of every save are kept."""
+  period: Optional[int] = None
+  keep: int = 3
+
+
+def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
+          model_config: T5Config, prompt_length: int, initial_checkpoint_path: Optional[str] = None,
+          prompt_init: Callable[..., prompts.Initializer] = prompt_initializers.random_uniform,
+          prompt_combine: str = "prefix",
+          assignment_map: Sequence[tuple[str, Optional[str]]] = (),
+          trainable_patterns: Sequence[str] = freezing.PROMPT_ONLY,
+          optimizer: Optional[optax.GradientTransformation] = None,
+          loss_config: trainer.LossConfig = trainer.LossConfig(),
+          eval_config: EvalConfig = EvalConfig(),
+          checkpoint_config: CheckpointConfig = CheckpointConfig(),
+          execution: ExecutionConfig = ExecutionConfig(attention="auto"),
+          mesh_shape: Sequence[int] = (-1, 1), num_microbatches: int = 1, log_period: int = 10,
+          seed: int = 0, max_encoder_length: Optional[int] = None,
+          progress_bar: Optional[bool] = None, class_labels: Sequence[str] = (),
+          skip_nonfinite_steps: bool = False, log_batch_hashes: bool = False) -> dict[str, Any]:
+  """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
+
+  Args mirror T5X's macros: MODEL_DIR, TRAIN_STEPS, INITIAL_CHECKPOINT_PATH (None: a random frozen
+  model, for demos and tests), PROMPT_LENGTH; `dataset_config` holds MIXTURE_OR_TASK_NAME,
+  TASK_FEATURE_LENGTHS and BATCH_SIZE. `prompt_init` is an initialiser factory (e.g.
+  `prompt_initializers.from_class_labels` with its `class_labels` bound). `execution` is resolved
+  for the mesh's devices before the model is built. `seed` fixes the initialisation and the data
+  order. `class_labels` (CLASS_LABELS) are checked against the targets' length.
+  `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or Inf instead of
+  stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
+  `train_metrics.jsonl`. Everything is checked before anything is written.
+
+  Returns:
+    The summary; `preempted` is True when SIGTERM stopped the run after saving its current step.
+
+  Raises:
+    NonFiniteError: the loss or the prompt became NaN or Inf (without `skip_nonfinite_steps`).
+  """
+  vocabulary, mesh = _check_inputs(
+      dataset_config, eval_config, train_steps, model_config, prompt_length,
+      initial_checkpoint_path, assignment_map, mesh_shape, num_microbatches, max_encoder_length,
+      class_labels)
+  execution = run_setup.resolve_execution(execution, model_config, mesh)
+  init_rng, prompt_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+  model, params = _prompted_model(
+      model_config, execution, initial_checkpoint_path, assignment_map, prompt_length, prompt_init,
+      prompt_combine, vocabulary, init_rng, prompt_rng)
+  data = _Data.read(dataset_config, eval_config, seed, os.path.join(model_dir, "inference_eval"))
+  steps = _CompiledSteps.build(
+      model, params, mesh, optimizer or optimizers.prompt_tuning_adafactor(), state_rng,
+      trainable_patterns, loss_config, num_microbatches, skip_nonfinite_steps,
+      dataset_config.batch_size, eval_config.decoding_config, dataset_config.length_buckets)
+
+  # Everything is checked: from here on MODEL_DIR is written.
+  run_checkpoints.check_run_config(model_dir, _run_identity(
+      dataset_config=dataset_config, train_steps=train_steps, model_config=model_config,
+      prompt_length=prompt_length, prompt_combine=prompt_combine,
+      initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=trainable_patterns,
+      loss_config=loss_config, num_microbatches=num_microbatches, eval_config=eval_config,
+      checkpoint_config=checkpoint_config, log_period=log_period, seed=seed,
+      skip_nonfinite_steps=skip_nonfinite_steps),
+      mutable_keys=MUTABLE_RUN_SETTINGS, retired_keys=RETIRED_RUN_SETTINGS)
+  checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=checkpoint_config.keep)
+  try:
+    batches_consumed = steps.resume(checkpointer)
+    loop = _TrainLoop(steps, data, checkpointer, dataset_config, eval_config, train_steps,
+                      checkpoint_config.period or eval_config.period or train_steps, log_period,
+                      skip_nonfinite_steps, log_batch_hashes, progress_bar, batches_consumed)
+    return loop.run()
+  finally:
+    checkpointer.close()
+
+
+def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, train_steps: int,
+                  model_config: T5Config, prompt_length: int,
+                  initial_checkpoint_path: Optional[str],
+                  assignment_map: Sequence[tuple[str, Optional[str]]], mesh_shape: Sequence[int],
+                  num_microbatches: int, max_encoder_length: Optional[int],
+                  class_labels: Sequence[str]) -> tuple[seqio.Vocabulary, jax.sharding.Mesh]:
+  """Checks everything that can be checked before any work; returns (the task's vocabulary, the
+  mesh)."""
+  lengths, batch_size = dataset_config.task_feature_lengths, dataset_config.batch_size
+  run_setup.check_prompt_length(prompt_length)
+  run_setup.check_feature_lengths(lengths, prompt_length, max_encoder_length)
+  if train_steps <= 0 or batch_size <= 0:
+    raise ValueError(f"TRAIN_STEPS and BATCH_SIZE must be positive, got {train_steps}, "
+                     f"{batch_size}.")
+  vocabulary = run_setup.task_vocabulary(dataset_config.mixture_or_task_name)
+  run_setup.check_class_labels(class_labels, lengths["targets"], vocabulary)
+  if eval_config.period:
+    run_setup.task_vocabulary(eval_config.mixture_or_task_name
+                              or dataset_config.mixture_or_task_name)
+  mesh = partitioning.make_mesh(mesh_shape)
+  partitioning.check_batch_divides(batch_size, mesh, num_microbatches)
+  batching.check_length_buckets(dataset_config.length_buckets, lengths["inputs"],
+                                "DatasetConfig.length_buckets")
+  if batch_size % jax.process_count():
+    raise ValueError(f"BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes.")
+  if initial_checkpoint_path is not None:
+    checkpoints.check_initial_checkpoint(initial_checkpoint_path)
+    if not assignment_map:
+      checkpoints.check_checkpoint_matches(initial_checkpoint_path, model_config)
+  return vocabulary, mesh
+
+
+def _prompted_model(model_config: T5Config, execution: ExecutionConfig,
+                    initial_checkpoint_path: Optional[str],
+                    assignment_map: Sequence[tuple[str, Optional[str]]], prompt_length: int,
+                    prompt_init: Callable[..., prompts.Initializer], prompt_combine: str,
+                    vocabulary: seqio.Vocabulary, init_rng: jax.Array,
+                    prompt_rng: jax.Array) -> tuple[T5, dict[str, Any]]:
+  """(the model, its nested params on the host): the frozen model and a new prompt
+  `[prompt_length, embed]` from its initialiser."""
+  loaded = checkpoints.load_frozen_params(model_config, initial_checkpoint_path, assignment_map,
+                                          init_rng, scan_layers=execution.scan_layers)
+  embedding = np.asarray(loaded["token_embedder/embedding"])
+  init = run_setup.build_prompt_init(prompt_init, embedding, vocabulary)
+  prompt_config = prompts.PromptConfig(prompt_length, init, prompt_combine)
+  prompt = jax.jit(prompt_config.init, static_argnums=(1, 2))(
+      prompt_rng, (prompt_length, model_config.emb_dim), jnp.float32)
+  params = trees.unflatten({**loaded, checkpoints.PROMPT_PATH: np.asarray(prompt)})
+  return T5(model_config, prompt_config, execution=execution), params
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+  """The run's examples: the training stream (this process's share, shuffled by the seed, repeated)
+  and, when the run evaluates, its eval split, which `evaluator` decodes and `eval_dataset` gives
+  the loss of. Every process reads the whole eval split (as seqio's Evaluator does) and places each
+  batch from its full copy, so all processes run the same number of batches."""
+  train: tf.data.Dataset
+  evaluator: Optional[seqio.Evaluator]
+  eval_dataset: Optional[tf.data.Dataset]
+
+  @classmethod
+  def read(cls, dataset_config: DatasetConfig, eval_config: EvalConfig, seed: int,
+           eval_log_dir: str) -> "_Data":
+    """Opens the datasets, which checks the task's splits before anything is written."""
+    lengths = dict(dataset_config.task_feature_lengths)
+    converter = seqio.EncDecFeatureConverter(pack=False)
+    train = seqio.get_dataset(
+        dataset_config.mixture_or_task_name, task_feature_lengths=lengths,
+        dataset_split=dataset_config.split, shuffle=dataset_config.shuffle, num_epochs=None,
+        use_cached=dataset_config.use_cached, seed=seed,
+        shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+        feature_converter=converter)
+    if not eval_config.period:
+      return cls(train, None, None)
+    eval_name = eval_config.mixture_or_task_name or dataset_config.mixture_or_task_name
+    evaluator = evaluation.make_evaluator(eval_name, lengths, eval_config.split,
+                                          log_dir=eval_log_dir,
+                                          num_examples=eval_config.num_examples)
+    eval_dataset = seqio.get_dataset(
+        eval_name, task_feature_lengths=lengths, dataset_split=eval_config.split, shuffle=False,
+        num_epochs=1, use_cached=dataset_config.use_cached, feature_converter=converter)
+    if eval_config.num_examples:
+      eval_dataset = eval_dataset.take(eval_config.num_examples)
+    return cls(train, evaluator, eval_dataset)
+
+
+@dataclasses.dataclass
+class _CompiledSteps:
+  """The train state and the frozen params on the mesh, and the compiled functions that use them."""
+  state: trainer.TrainState
+  state_shardings: Any
+  frozen: Any
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # (state, frozen, global batch) -> (state, metrics)
+  eval_step: Callable  # (trainable, frozen, global batch) -> summed eval metrics
+  predictor: evaluation.Predictor
+
+  @classmethod
+  def build(cls, model: T5, params: dict[str, Any], mesh: jax.sharding.Mesh,
+            optimizer: optax.GradientTransformation, state_rng: jax.Array,
+            trainable_patterns: Sequence[str], loss_config: trainer.LossConfig,
+            num_microbatches: int, skip_nonfinite_steps: bool, batch_size: int,
+            decoding_config: evaluation.DecodingConfig,
+            length_buckets: Sequence[int]) -> "_CompiledSteps":
+    """Splits `params` into trainable and frozen by `trainable_patterns`, places both by the model's
+    logical axes, and compiles the train and eval steps and the predictor over `mesh`."""
+    mask = freezing.freeze_mask(params, trainable_patterns)
+    trainable, frozen = freezing.split(params, mask)
+    trainable_sh, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
+    frozen = partitioning.place_on_mesh(frozen, frozen_sh)
+    state = trainer.TrainState.create(partitioning.place_on_mesh(trainable, trainable_sh),
+                                      optimizer, state_rng)
+    state_sh = jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), state).replace(
+        trainable=trainable_sh)
+    return cls(
+        state=jax.device_put(state, state_sh), state_shardings=state_sh, frozen=frozen,
+        batch_sharding=partitioning.batch_sharding(mesh),
+        train_step=trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh,
+                                              loss_config, num_microbatches, skip_nonfinite_steps),
+        eval_step=trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config),
+        predictor=evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets))
+
+  def resume(self, checkpointer: run_checkpoints.RunCheckpointer) -> int:
+    """Restores the latest good checkpoint into `state`, if there is one; returns how many batches
+    the run has consumed."""
+    if checkpointer.latest_step() is None:
+      return 0
+    state, data_position = checkpointer.restore(abstract_state=self.state)
+    self.state = jax.device_put(state, self.state_shardings)
+    logger.info("Resumed from %s at step %d.", checkpointer.model_dir, int(self.state.step))
+    return data_position["batches_consumed"]
+
+  def place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> the global batch of model features on the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items() if k in MODEL_FEATURES}
+
+
+class _TrainLoop:
+  """The steps from the restored state to `train_steps`, with logging, evaluation and saving at
+  their periods.
+
+  The host dispatches step N + 1 before it reads whether step N was finite (reading waits for the
+  device), so the device always has the next step queued while the host places batches and reads
+  flags. At a step that logs, evaluates or saves, the step's own flags are read first: nothing
+  non-finite is logged, evaluated or saved.
+  """
+
+  def __init__(self, steps: _CompiledSteps, data: _Data,
+               checkpointer: run_checkpoints.RunCheckpointer, dataset_config: DatasetConfig,
+               eval_config: EvalConfig, train_steps: int, checkpoint_period: int, log_period: int,
+               skip_nonfinite_steps: bool, log_batch_hashes: bool, progress_bar: Optional[bool],
+               batches_consumed: int):
+    self.steps, self.data, self.checkpointer = steps, data, checkpointer
+    self.dataset_config, self.eval_config = dataset_config, eval_config
+    self.train_steps, self.checkpoint_period, self.log_period = (train_steps, checkpoint_period,
+                                                                  log_period)
+    self.skip_nonfinite_steps, self.log_batch_hashes = skip_nonfinite_steps, log_batch_hashes
+    self.start_step = int(steps.state.step)
+    fault_point("startup", self.start_step)
+    # The same shuffled stream on every run (a function of the seed): batch s is the one of step
+    # s + 1, and a resumed run skips the batches already consumed.
+    per_process = dataset_config.batch_size // jax.process_count()
+    self.batches: Iterator[dict[str, np.ndarray]] = batching.batch(
+        data.train, per_process, dataset_config.task_feature_lengths["inputs"],
+        dataset_config.length_buckets).skip(batches_consumed).as_numpy_iterator()
+    self.metrics_log = metrics_logging.MetricsLogger(checkpointer.model_dir, train_steps,
+                                                     self.start_step, progress_bar)
+    self.window: Optional[dict[str, jax.Array]] = None  # metrics summed since the last log
+    self.last_metrics: Optional[dict[str, jax.Array]] = None
+    self.window_start = time.time()
+    self.summary: dict[str, Any] = {"model_dir": checkpointer.model_dir,
+                                    "start_step": self.start_step, "eval": {}}
+
+  def run(self) -> dict[str, Any]:
+    """Trains to `train_steps` (or to a SIGTERM); returns the summary."""
+    step = self.start_step
+    preemption = _Preemption()
+    try:
+      upcoming = self._next_batch() if step < self.train_steps else None
+      unread = None  # (step, metrics) of the step whose finiteness the host has not read yet
+      while step < self.train_steps:
+        local, batch = upcoming
+        if self.log_batch_hashes:
+          self.metrics_log.record(step + 1, {"hash": _batch_hash(local)}, kind="batch")
+        self.steps.state, metrics = self.steps.train_step(self.steps.state, self.steps.frozen,
+                                                          batch)
+        step += 1
+        upcoming = self._next_batch() if step < self.train_steps else None
+        fault_point("mid_step", step)
+        if unread is not None:
+          self._settle(*unread)
+        unread = (step, metrics)
+        preempted = preemption.requested()
+        log_now = step % self.log_period == 0 or step == self.train_steps
+        eval_now = (self.eval_config.period and not preempted
+                    and (step % self.eval_config.period == 0 or step == self.train_steps))
+        save_now = step % self.checkpoint_period == 0 or step == self.train_steps or preempted
+        if log_now or eval_now or save_now:
+          self._settle(*unread)
+          unread = None
+        if log_now:
+          self._log(step)
+        if eval_now:
+          self._evaluate(step)
+        if save_now:
+          self._save(step)
+        if preempted:
+          logger.warning("SIGTERM: saved checkpoint %d in %s and stopped; rerun the same command "
+                         "to resume.", step, self.checkpointer.directory)
+          self.summary["preempted"] = True
+          break
+    finally:
+      preemption.restore()
+      self.metrics_log.close()
+    prompt = trees.flatten(self.steps.state.trainable).get(checkpoints.PROMPT_PATH)
+    self.summary.update(
+        final_step=step, prompt=None if prompt is None else np.asarray(prompt),
+        numpy_checkpoints=os.path.join(self.checkpointer.model_dir, run_checkpoints.NUMPY_DIR))
+    return self.summary
+
+  def _next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
+    """The next batch: this process's rows, and the global batch on the mesh."""
+    local = next(self.batches)
+    return local, self.steps.place(local)
+
+  def _settle(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Reads whether `step` (already applied, or dropped on the device) was finite: adds its metrics
+    to the log window, or raises NonFiniteError (or warns, with `skip_nonfinite_steps`)."""
+    loss_finite, prompt_finite = _read_finiteness(metrics)
+    if loss_finite and prompt_finite:
+      counted = {k: v for k, v in metrics.items() if k not in trainer.FINITENESS_METRICS}
+      self.window = (counted if self.window is None
+                     else jax.tree_util.tree_map(jnp.add, self.window, counted))
+      self.last_metrics = counted
+      return
+    what = "loss" if not loss_finite else "prompt"
+    if not self.skip_nonfinite_steps:
+      latest = self.checkpointer.latest_step()
+      raise NonFiniteError(
+          f"Step {step}: the {what} is NaN or Inf; stopped without saving it. "
+          + (f"The last good checkpoint is step {latest} in {self.checkpointer.directory}. "
+             if latest is not None else "No checkpoint has been saved yet. ")
+          + "Lower the learning rate, or set --gin.train.skip_nonfinite_steps=True to drop such "
+          "steps.")
+    logger.warning("Step %d: the %s is NaN or Inf; its update is dropped "
+                   "(skip_nonfinite_steps).", step, what)
+
+  def _log(self, step: int) -> None:
+    """Writes the window's per-token and per-example rates; starts the next window."""
+    if self.window is None:  # every step of the window was dropped
+      return
+    window = jax.tree_util.tree_map(float, jax.device_get(self.window))
+    seconds = max(time.time() - self.window_start, 1e-9)
+    real_tokens = max(window["real_tokens"], 1.0)
+    row = {"loss": float(self.last_metrics["loss"]), "z_loss": float(self.last_metrics["z_loss"]),
+           "accuracy": window["correct_tokens"] / real_tokens,
+           "grad_norm": float(self.last_metrics["grad_norm"]),
+           "learning_rate": _learning_rate(self.steps.state),
+           "examples_per_second": window["examples"] / seconds,
+           "tokens_per_second": real_tokens / seconds}
+    row = {k: v for k, v in row.items() if v is not None}
+    self.metrics_log.write(step, row)
+    self.summary["train"] = row
+    self.window, self.window_start = None, time.time()
+
+  def _evaluate(self, step: int) -> None:
+    """Decodes and scores the eval split, logs its loss, and keeps the best prompt."""
+    trainable, frozen = self.steps.state.trainable, self.steps.frozen
+    self.steps.predictor.trainable = trainable
+    results = evaluation.evaluate(self.data.evaluator, self.steps.predictor, step)
+    fault_point("mid_eval", step)
+    eval_on_mesh = lambda trainable, frozen, batch: self.steps.eval_step(
+        trainable, frozen, partitioning.place_on_mesh(batch, self.steps.batch_sharding))
+    self.metrics_log.write(step, evaluation.eval_loss(
+        self.data.eval_dataset, eval_on_mesh, trainable, frozen, self.dataset_config.batch_size,
+        MODEL_FEATURES, self.dataset_config.length_buckets), kind="eval")
+    self.summary["eval"][step] = results
+    for task, task_metrics in results.items():
+      self.metrics_log.write(step, {k: v for k, v in task_metrics.items() if np.ndim(v) == 0},
+                             kind=f"eval/{task}")
+    best_metric = self.eval_config.best_metric
+    if best_metric is not None:
+      self.checkpointer.save_best_prompt(step, trainable, best_metric,
+                                         _find_metric(results, best_metric),
+                                         higher_is_better=self.eval_config.best_higher_is_better)
+
+  def _save(self, step: int) -> None:
+    self.checkpointer.save(step, self.steps.state, {"batches_consumed": step})
+    fault_point("after_save", step)
+
+
+class _Preemption:
+  """Turns SIGTERM (how preemption arrives) into a flag the loop reads at each step boundary.
+
+  With several processes, each call or-s the processes' flags on the devices and returns the result
+  of the call before, so reading it waits only for the step the loop has already waited for: every
+  process stops at the same step, one step after the notice reached any of them.
+  """
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._receive)
+    self._gathered = None  # the last call's or-ed flag, a replicated 0-d jax.Array
+    if jax.process_count() > 1:
+      devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+      mesh = jax.sharding.Mesh(devices, ("processes", "local_devices"))
+      self._per_process = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+      self._any = jax.jit(jnp.any, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+
+  def _receive(self, signum, frame):
+    del signum, frame
+    self._received = True
+
+  def requested(self) -> bool:
+    """Whether this process (alone) or any process (by the previous call) has received SIGTERM."""
+    if jax.process_count() == 1:
+      return self._received
+    previous, self._gathered = self._gathered, self._any(jax.make_array_from_process_local_data(
+        self._per_process, np.asarray([self._received])))
+    return previous is not None and bool(previous)
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
+                  checkpoint_config: CheckpointConfig, model_config: T5Config,
+                  trainable_patterns: Sequence[str], **settings) -> dict[str, Any]:
+  """The JSON-able settings that identify a run, for `run_config.json`, under the flat names runs
+  have always recorded (so runs written before the settings were grouped still resume)."""
+  identity = dict(
+      settings, mixture_or_task_name=dataset_config.mixture_or_task_name,
+      task_feature_lengths=dict(dataset_config.task_feature_lengths),
+      batch_size=dataset_config.batch_size, model_config=dataclasses.asdict(model_config),
+      trainable_patterns=list(trainable_patterns), eval_period=eval_config.period,
+      eval_num_examples=eval_config.num_examples, checkpoint_period=checkpoint_config.period,
+      keep_checkpoints=checkpoint_config.keep)
+  # Recorded only when set, so runs started before the setting existed still resume.
+  if dataset_config.length_buckets:
+    identity["length_buckets"] = list(dataset_config.length_buckets)
+  if dataset_config.split != DatasetConfig.split:
+    identity["split"] = dataset_config.split
+  return _json_able(identity)
+
+
+def _json_able(value: Any) -> Any:
+  """`value` with dataclasses as dicts, tuples as lists and dtypes as their names."""
+  if dataclasses.is_dataclass(value):
+    return _json_able(dataclasses.asdict(value))
+  if isinstance(value, dict):
+    return {k: _json_able(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_able(v) for v in value]
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  return str(jnp.dtype(value))  # the only other kind of setting: a dtype
+
+
+def _read_finiteness(metrics: dict[str, jax.Array]) -> tuple[bool, bool]:
+  """(the step's loss is finite, its prompt is finite): the host's wait for that step."""
+  return tuple(bool(x) for x in jax.device_get([metrics[k] for k in trainer.FINITENESS_METRICS]))
+
+
+def _batch_hash(batch: Mapping[str, np.ndarray]) -> int:
+  """CRC32 of a batch's tokens (fits a float exactly, for `train_metrics.jsonl`)."""
+  return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)
+                             if k in MODEL_FEATURES))
+
+
+def _learning_rate(state: trainer.TrainState) -> Optional[float]:
+  """The current learning rate, where the optimizer keeps it (optax.inject_hyperparams)."""
+  value = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
+  return None if value is None else float(value)
+
+
+def _find_metric(results: Mapping[str, Mapping[str, float]], name: str) -> float:
+  """`name` is `metric` (the first task that has it) or `task/metric`."""
+  task, _, metric = name.rpartition("/")
+  for task_name, task_metrics in results.items():
+    if (not task or task == task_name) and metric in task_metrics:
+      return float(task_metrics[metric])
+  raise ValueError(f"EvalConfig.best_metric {name!r} is not among the eval metrics "
+                   f"{ {t: sorted(m) for t, m in results.items()} }.")
