@@ -61,6 +61,7 @@ setuptools.setup(
         "prompt-tuning-serve=prompt_tuning_jax.serve:main",
         "prompt-tuning-demo=prompt_tuning_jax.demo:main",
         "prompt-tuning-inspect=prompt_tuning_jax.inspect:main",
+        "prompt-tuning-plan=prompt_tuning_jax.plan:main",
         "prompt-tuning-report=prompt_tuning_jax.report:main",
         "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",
     ]},

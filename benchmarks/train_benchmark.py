@@ -294,7 +294,7 @@ def _best_flops_per_s(peaks: dict[str, Any]) -> float:
 
 
 def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool,
-            pairs: int) -> dict[str, Any]:
+            pairs: int, option_names: Sequence[str] = ()) -> dict[str, Any]:
   results: dict[str, Any] = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(),
                                              processor=platform.processor())}
   # The run's peak: the best of the dot backends, measured before and after the steps (and before
@@ -315,7 +315,8 @@ def run_all(steps: int, option_steps: int, rte_examples: int, with_options: bool
   results["flops"] = run_worker("flops")
   if with_options:
     results["options"] = {name: run_worker("ours_fixed", steps=option_steps, **kwargs)
-                          for name, kwargs in OPTIONS.items()}
+                          for name, kwargs in OPTIONS.items()
+                          if not option_names or name in option_names}
   results["summary"] = summarize(results)
   return results
 
@@ -415,6 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--option_steps", type=int, default=4)
   parser.add_argument("--rte_examples", type=int, default=512)
   parser.add_argument("--no_options", action="store_true", help="skip the memory options")
+  parser.add_argument("--options", default="",
+                      help="run only these option rows (names separated by '|'; default: all)")
   parser.add_argument("--pairs", type=int, default=3, help="alternating ours/PEFT fixed-shape runs")
   parser.add_argument("--quick", action="store_true",
                       help="3 steps, 1 pair, 128 RTE examples, no options")
@@ -437,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results["summary"] = summarize(results)
   else:
     results = run_all(args.steps, args.option_steps, args.rte_examples, not args.no_options,
-                      args.pairs)
+                      args.pairs, [name for name in args.options.split("|") if name])
   print(table(results))
   common.write_json(args.output, results)
   return 0

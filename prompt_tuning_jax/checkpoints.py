@@ -19,6 +19,9 @@ import functools
 import logging
 import os
 import re
+import socket
+import threading
+import urllib.parse
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -36,9 +39,18 @@ from prompt_tuning_jax.trees import flatten, unflatten
 T5X = "t5x"
 HUGGINGFACE = "huggingface"
 PROMPT_PATH = "encoder/prompt/prompt/prompt"
+# How long a remote checkpoint's host may take to accept a connection (`check_reachable`).
+REMOTE_TIMEOUT_SECONDS = 10.0
+# The host that serves each URL scheme tensorstore reads; other URLs name their host.
+_REMOTE_HOSTS = {"gs": "storage.googleapis.com", "s3": "s3.amazonaws.com"}
 # Not stored in a checkpoint's shapes; T5's default. The tiny test checkpoint uses 8.
 DEFAULT_MAX_DISTANCE = 128
-_MAX_REPORTED = 5  # of each kind: misshapen, missing, extra
+_MAX_REPORTED = 5  # an assignment map's error lists up to twice this many problems
+# The architecture fields a checkpoint's shapes give (T5X's: inferred; Hugging Face's: config.json
+# gives them and the max distance too).
+STORED_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
+                 "num_decoder_layers", "mlp_activations", "logits_via_embedding",
+                 "relative_attention_num_buckets")
 
 logger = logging.getLogger("prompt_tuning_jax")
 
@@ -48,7 +60,9 @@ class CheckpointError(ValueError):
 
 
 def detect_format(path: str) -> str:
-  """`huggingface` or `t5x` for `path`; raises `CheckpointError` if it is neither."""
+  """`huggingface` or `t5x` for `path`; raises `CheckpointError` if it is neither, or if a remote
+  path's host does not answer (`check_reachable`)."""
+  check_reachable(path)
   if not path.startswith("gs://") and not os.path.exists(path):
     raise CheckpointError(f"Checkpoint not found: {path} does not exist.")
   if hf_checkpoint.is_checkpoint(path):
@@ -59,6 +73,37 @@ def detect_format(path: str) -> str:
       f"{path} is not a checkpoint. Expected a T5X checkpoint (a `checkpoint_N/` directory with a "
       "`checkpoint` file, the file itself, or a model directory holding `checkpoint_N/`) or a Hugging "
       "Face T5 directory (`config.json` with `model.safetensors` or `pytorch_model.bin`).")
+
+
+def check_reachable(path: str, timeout: float = REMOTE_TIMEOUT_SECONDS) -> None:
+  """Raises a `CheckpointError` naming `path` when it is a URL (`gs://...`) whose host does not
+  accept a connection within `timeout` seconds; local paths pass.
+
+  Tensorstore retries an unreachable host for many minutes before it fails; this probe fails in
+  seconds, offline or behind a firewall, before tensorstore opens anything.
+  """
+  url = urllib.parse.urlsplit(path)
+  if "://" not in path or url.scheme == "file":
+    return
+  host = _REMOTE_HOSTS.get(url.scheme) or url.hostname
+  port = 443 if url.scheme in _REMOTE_HOSTS else url.port or (80 if url.scheme == "http" else 443)
+  result: list[BaseException] = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+      result.append(e)
+
+  probe = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+  probe.start()
+  probe.join(timeout)
+  if probe.is_alive() or result:
+    cause = f"{type(result[0]).__name__}: {result[0]}" if result else "no answer"
+    raise CheckpointError(
+        f"Cannot reach {path}: {host} did not accept a connection within {timeout:g} s ({cause}); "
+        "is this machine offline or its network blocked? Copy the checkpoint to a local directory "
+        "and give that path.")
 
 
 def read_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]]:
@@ -150,7 +195,8 @@ def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[
 
 
 def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpoint: str = "") -> None:
-  """Raises one `CheckpointError` naming the misshapen, missing and extra parameters (5 of each).
+  """Raises one `CheckpointError` of a few lines: the architecture fields that differ, the first
+  misshapen, missing and extra parameters, and the `--gin.t5_config.*` flags that fix it.
 
   Args:
     expected: the model's parameters: a nested or flat dict whose leaves are shapes or arrays.
@@ -160,22 +206,55 @@ def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpo
   expected, params = _shapes(expected), _shapes(params)
   kinds = [
       [f"{name}: the checkpoint has shape {params[name]} but the config expects {expected[name]}"
-       for name in expected if name in params and params[name] != expected[name]],
+       for name in sorted(expected) if name in params and params[name] != expected[name]],
       [f"{name}: missing from the checkpoint (the config expects shape {expected[name]})"
-       for name in expected if name not in params],
+       for name in sorted(expected) if name not in params],
       [f"{name}: shape {params[name]} in the checkpoint is not a parameter of the config's model"
-       for name in params if name not in expected]]
-  problems = sum(kinds, [])
-  if problems:
-    shown = sum([kind[:_MAX_REPORTED] + ([f"... and {len(kind) - _MAX_REPORTED} more like it"]
-                                         if len(kind) > _MAX_REPORTED else []) for kind in kinds], [])
-    source = f"Checkpoint {checkpoint}" if checkpoint else "The checkpoint"
-    raise CheckpointError(
-        f"{source} does not match the config ({len(problems)} problem(s)):\n  "
-        + "\n  ".join(shown)
-        + "\nLoad it without `config=` to use the architecture it holds (`python -m "
-          "prompt_tuning_jax.inspect PATH` prints it), or fix the T5Config fields (or the "
-          "config.json) these shapes come from.")
+       for name in sorted(params) if name not in expected]]
+  count = sum(map(len, kinds))
+  if not count:
+    return
+  fields = _differing_fields(expected, params)
+  source = f"Checkpoint {checkpoint}" if checkpoint else "The checkpoint"
+  differ = ""
+  if fields:
+    differ = (": it has " + ", ".join(f"{name}={theirs!r}" for name, (theirs, _) in fields.items())
+              + " where the config has "
+              + ", ".join(f"{name}={ours!r}" for name, (_, ours) in fields.items()))
+  inspect_command = f"python -m prompt_tuning_jax.inspect {checkpoint or 'PATH'} --gin"
+  fix = (f"Fix: add {' '.join(gin_flags({name: theirs for name, (theirs, _) in fields.items()}))} "
+         f"(`{inspect_command}` prints every flag and the models/*.gin file that matches)"
+         if fields else f"Fix: describe the checkpoint's architecture (`{inspect_command}` prints "
+         "the flags)")
+  raise CheckpointError(
+      f"{source} does not match the config ({count} problem(s)){differ}.\n  "
+      + "\n  ".join(kind[0] for kind in kinds if kind)
+      + f"\n{fix}; in Python, `load_checkpoint(path)` without `config=` reads its own "
+      "architecture.")
+
+
+def gin_flags(fields: Mapping[str, Any]) -> list[str]:
+  """`--gin.t5_config.NAME=VALUE` for each architecture field, in shell syntax (quoted where the
+  value holds more than letters, digits, `.` and `-`), e.g.
+  `--gin.t5_config.mlp_activations="('gelu', 'linear')"`."""
+  flags = []
+  for name, value in fields.items():
+    text = repr(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
+    quoted = f'"{text}"' if re.search(r"[^\w.-]", text) else text
+    flags.append(f"--gin.t5_config.{name}={quoted}")
+  return flags
+
+
+def _differing_fields(expected: Mapping[str, tuple[int, ...]],
+                      params: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[Any, Any]]:
+  """`{field: (the checkpoint's, the config's)}` of the architecture fields the shapes give that
+  differ; empty where either side is not a T5 parameter tree."""
+  try:
+    theirs, ours = infer_config(params), infer_config(expected)
+  except (CheckpointError, ValueError):
+    return {}
+  return {name: (getattr(theirs, name), getattr(ours, name)) for name in STORED_FIELDS
+          if getattr(theirs, name) != getattr(ours, name)}
 
 
 _LAYER = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")

@@ -12,26 +12,36 @@ command line
   --gin.MODEL_DIR="'/tmp/run'" --gin_search_paths=/my/configs
 
 into a call of one of them. Gin files are found in the working directory, then in
-`--gin_search_paths`, then in the package's own `gin_configs/`. Bad input (and a failure such as a
-full disk or a NaN loss) ends the program with one line, `error: ...`, and exit status 2.
+`--gin_search_paths`, then in the package's own `gin_configs/`. T5X's and the official
+prompt-tuning code's gin paths, macros and flags are read as ours or answered in one line
+(`migration`), and one of T5X's macros that nothing reads is named in a warning. Bad input
+(and a failure such as a full disk or a NaN loss) ends the program with one line, `error: ...`, and
+exit status 2; every error ends the process at once (`command`, which wraps each tool's `main`).
 """
 import argparse
 import copy
+import functools
 import inspect
+import io
 import logging
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+import tokenize
+import traceback
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import gin
 import jax
+import seqio
+import tensorflow as tf
 
 import prompt_tuning_jax
 from prompt_tuning_jax import config
 from prompt_tuning_jax import ensembling
 from prompt_tuning_jax import evaluation
 from prompt_tuning_jax import inference
+from prompt_tuning_jax import migration
 from prompt_tuning_jax import optimizers
 from prompt_tuning_jax import prompt_initializers
 from prompt_tuning_jax import tasks
@@ -42,11 +52,13 @@ from prompt_tuning_jax import xla_cpu
 
 PACKAGE_GIN_DIR = os.path.join(os.path.dirname(prompt_tuning_jax.__file__), "gin_configs")
 TASK_MODULE_MACRO = "MIXTURE_OR_TASK_MODULE"
+TASK_NAME_MACRO = "MIXTURE_OR_TASK_NAME"
 CLASS_LABELS_MACRO = "CLASS_LABELS"
-# Errors that mean bad input, or a failure the user must act on (a full disk, a NaN loss), rather than
-# a bug (`CheckpointError`, `DataNotFoundError` and `training.NonFiniteError` among them): reported in
-# one line, exit status 2.
-USER_ERRORS = (ValueError, OSError, ImportError)
+# Errors that mean bad input, or a failure the user must act on (a full disk, a NaN loss), rather
+# than a bug (`CheckpointError`, `DataNotFoundError`, `training.NonFiniteError`,
+# `run_lock.RunLockedError` among them): reported in one line, exit status 2. TensorFlow's errors
+# that reach the command line come from reading data.
+USER_ERRORS = (ValueError, OSError, ImportError, tf.errors.OpError)
 USAGE_EXIT_CODE = 2
 
 ENTRY_POINTS = {
@@ -74,10 +86,16 @@ for _name in ("random_uniform", "from_sampled_vocab", "from_class_labels", "from
 _ADDED_SEARCH_PATHS: set[str] = set()
 _MACRO_REFERENCE = re.compile(r"%([A-Za-z_]\w*)(?![\w.])")
 _GIN_CALL_NOTE = re.compile(r"\s*In call to configurable .*", re.DOTALL)
+_TF_FUNCTION_NAME = re.compile(r"^\{\{function_node [^}]*\}\}\s*")
 
 
 class UsageError(ValueError):
   """The command line or the gin config is incomplete or wrong."""
+
+
+def tell(kind: str, message: str) -> None:
+  """One line on stderr, `note: ...` or `warning: ...`, about how the command line was read."""
+  print(f"{kind}: {message}", file=sys.stderr)
 
 
 class _QuietGinSearch(logging.Filter):
@@ -102,6 +120,9 @@ def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
   args, rest = parser.parse_known_args(argv)
   for arg in rest:
     name, equals, value = arg.partition("=")
+    t5x_flag = migration.flag_error(arg)
+    if t5x_flag:
+      parser.exit(USAGE_EXIT_CODE, f"error: {t5x_flag}\n")
     if not name.startswith("--gin.") or not equals:
       parser.error(f"unrecognized argument {arg!r}; gin bindings look like --gin.NAME=VALUE")
     args.gin_bindings.append(f"{name[len('--gin.'):]} = {value}")
@@ -176,8 +197,10 @@ def _macro_is_bound(name: str) -> bool:
   return repr(value) != "%gin.REQUIRED"
 
 
-def check_macros(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> None:
-  """Raises a `UsageError` naming each macro that is used (`%NAME`) but not set, and its users."""
+def check_macros(files: Sequence[str], bindings: Sequence[str],
+                 paths: Sequence[str]) -> dict[str, list[str]]:
+  """Raises a `UsageError` naming each macro that is used (`%NAME`) but not set, and its users;
+  returns `{macro: its users}`."""
   users: dict[str, list[str]] = {}
   sources = [(name, _find_gin_file(name, paths)) for name in files]
   for name, path in sources:
@@ -194,6 +217,32 @@ def check_macros(files: Sequence[str], bindings: Sequence[str], paths: Sequence[
     raise UsageError("; ".join(
         f"{macro} is not set, but {', '.join(dict.fromkeys(users[macro]))} needs it: add "
         f"--gin.{macro}=VALUE or a gin file that sets it" for macro in missing))
+  return users
+
+
+def warn_unread_macros(bindings: Sequence[str], used: Sequence[str], entry: str) -> None:
+  """Warns of each of T5X's macros that a binding sets but no gin file or binding uses (`used`),
+  saying what to do instead."""
+  for binding in bindings:
+    name = binding.partition("=")[0].strip()
+    if name in migration.T5X_MACROS and name not in used:
+      tell("warning", migration.unread_macro_warning(name, entry))
+
+
+def _resolved_gin_file(name: str, paths: Sequence[str], ours: Sequence[str]) -> str:
+  """`name` where a search path has it, else its equivalent among `ours` (`migration.gin_file`,
+  which raises a `FileNotFoundError` naming the closest of ours); a file written for T5X's
+  `dynamic_registration` is refused in one line."""
+  path = _find_gin_file(name, paths)
+  if path is None:
+    equivalent, note = migration.gin_file(name, ours)
+    tell("note", note)
+    return equivalent
+  with open(path) as f:
+    error = migration.dynamic_registration_error(name, f.read(), ours)
+  if error:
+    raise UsageError(error)
+  return name
 
 
 def check_entry_arguments(entry: str) -> None:
@@ -212,22 +261,68 @@ def check_entry_arguments(entry: str) -> None:
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-              user_search_paths: Sequence[str] = ()) -> None:
-  """Parses the gin files in order, then the bindings; checks that every used macro is set."""
+              user_search_paths: Sequence[str] = ()) -> list[str]:
+  """Parses the gin files in order (official paths read as ours), then the bindings; checks that
+  every used macro is set. Returns the macros the files and bindings use."""
   gin.clear_config()
   paths = search_paths(user_search_paths)
   for path in paths[1:]:
     if path not in _ADDED_SEARCH_PATHS:
       gin.add_config_file_search_path(path)
       _ADDED_SEARCH_PATHS.add(path)
+  ours = migration.package_gin_files(PACKAGE_GIN_DIR)
+  gin_files = [_resolved_gin_file(name, paths, ours) for name in gin_files]
   quiet = _QuietGinSearch()
   logging.getLogger().addFilter(quiet)
   try:
     parsed = gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+  except (SyntaxError, tokenize.TokenError) as e:
+    raise UsageError(_gin_syntax_error(e, gin_files, gin_bindings, paths)) from None
   finally:
     logging.getLogger().removeFilter(quiet)
-  check_macros(_parsed_files(parsed), gin_bindings, paths)
+  used = list(check_macros(_parsed_files(parsed), gin_bindings, paths))
   gin.finalize()
+  return used
+
+
+def _gin_syntax_error(error: Exception, gin_files: Sequence[str], gin_bindings: Sequence[str],
+                      paths: Sequence[str]) -> str:
+  """Gin's syntax error in one line: the file and line, or the binding, the column, what is wrong.
+
+  Gin parses the bindings as one text, a line each, and reports an unclosed bracket or quote
+  (`tokenize.TokenError`) without saying where: each file and binding is tokenized again to find it.
+  """
+  if isinstance(error, SyntaxError):
+    where = (f"{error.filename}, line {error.lineno}" if error.filename
+             else _binding_at(gin_bindings, error.lineno))
+    return (f"Gin syntax error in {where}, column {(error.offset or 0) + 1}: {error.msg} Fix the "
+            "gin syntax there.")
+  texts = []
+  for name in gin_files:
+    path = _find_gin_file(name, paths)
+    if path is not None:
+      with open(path) as f:
+        texts.append((name, f.read()))
+  texts += [(f"the binding {binding!r}", binding) for binding in gin_bindings]
+  where = next((name for name, text in texts if not _tokenizes(text)), "a gin file or binding")
+  return f"Gin syntax error in {where}: a bracket or quote is not closed. Fix the gin syntax there."
+
+
+def _binding_at(gin_bindings: Sequence[str], line: int) -> str:
+  """`the binding 'NAME = VALUE'` on `line` (from 1) of the bindings gin parsed as one text."""
+  for binding in gin_bindings:
+    if line <= binding.count("\n") + 1:
+      return f"the binding {binding!r}"
+    line -= binding.count("\n") + 1
+  return "the bindings"
+
+
+def _tokenizes(text: str) -> bool:
+  try:
+    list(tokenize.generate_tokens(io.StringIO(text).readline))
+  except tokenize.TokenError:
+    return False
+  return True
 
 
 def import_task_modules() -> None:
@@ -240,10 +335,96 @@ def import_task_modules() -> None:
     tasks.import_task_module(module)
 
 
+def check_task_name() -> None:
+  """Raises a `UsageError` naming the closest registered tasks when MIXTURE_OR_TASK_NAME is not
+  one."""
+  if not _macro_is_bound(TASK_NAME_MACRO):
+    return
+  name = gin.query_parameter(f"%{TASK_NAME_MACRO}")
+  registered = {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}
+  if isinstance(name, str) and name not in registered:
+    suggestion = migration.did_you_mean(name, registered) or "."
+    raise UsageError(
+        f"MIXTURE_OR_TASK_NAME {name!r} is not registered{suggestion} Import the module that "
+        "registers it with --gin.MIXTURE_OR_TASK_MODULE=\"'my.tasks'\".")
+
+
+def t5x_bindings(bindings: Sequence[str], entry: str) -> list[str]:
+  """`bindings` with T5X's macros bound to our settings for `entry`, each noted on stderr."""
+  translated, notes = migration.translate_bindings(bindings, entry)
+  for note in notes:
+    tell("note", note)
+  return translated
+
+
+def warn_t5x_train_steps() -> None:
+  """Warns when TRAIN_STEPS looks counted T5X's way, with the checkpoint's pre-training steps."""
+  if _macro_is_bound("TRAIN_STEPS"):
+    checkpoint = (gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
+                  if _macro_is_bound("INITIAL_CHECKPOINT_PATH") else None)
+    warning = migration.train_steps_warning(gin.query_parameter("%TRAIN_STEPS"), checkpoint)
+    if warning:
+      tell("warning", warning)
+
+
 def one_line(error: BaseException) -> str:
-  """The error's message without gin's call notes, on one line."""
+  """The error's message without gin's call notes, on one line; of a TensorFlow error, its first
+  line without TensorFlow's function name (the rest quotes the traceback of a function inside
+  tf.data)."""
+  if isinstance(error, tf.errors.OpError):
+    first = _TF_FUNCTION_NAME.sub("", (error.message.strip() or "?").splitlines()[0])
+    return f"reading the data failed: {type(error).__name__}: {first}"
   message = _GIN_CALL_NOTE.sub("", str(error)) or type(error).__name__
   return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def usage_error(error: BaseException) -> SystemExit:
+  """Prints `error: ...` (one line) to stderr; returns the SystemExit (status 2) to raise."""
+  print(f"error: {one_line(error)}", file=sys.stderr)
+  return SystemExit(USAGE_EXIT_CODE)
+
+
+def command(main: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..., Any]:
+  """A tool's `main(argv=None)` with the command line's ending of every error.
+
+  Bad input, and a failure the user must act on (`USER_ERRORS`), is one line, `error: ...`, and
+  status 2. Called with `argv` (in process: tests, the demo), the wrapped `main` returns what `main`
+  returns and raises what it raises, `SystemExit(2)` for those. As the process's own command line
+  (`argv` None: `python -m ...`, the console scripts) it returns None, and any error ends the
+  process at once (`_exit_at_once`), so that no tf.data iterator or orbax thread left behind can
+  hold it.
+  """
+  @functools.wraps(main)
+  def command_main(argv: Optional[Sequence[str]] = None) -> Any:
+    try:
+      try:
+        result = main(argv)
+      except USER_ERRORS as e:  # raised outside `run`, e.g. writing MODEL_DIR/config.gin
+        raise usage_error(e) from None
+    except BaseException as e:  # pylint: disable=broad-except (every way out of the process)
+      if argv is not None:
+        raise
+      _exit_at_once(e)
+    return result if argv is not None else None
+  return command_main
+
+
+def _exit_at_once(error: BaseException) -> NoReturn:
+  """Ends the process with `error`'s exit status (a traceback first, for anything but SystemExit)
+  after flushing stdout and stderr, skipping the interpreter's shutdown, which can wait forever on
+  the threads of a tf.data iterator or orbax that the error left running."""
+  if isinstance(error, SystemExit):
+    code = error.code
+    if not isinstance(code, int):
+      if code is not None:
+        print(code, file=sys.stderr)
+      code = 0 if code is None else 1
+  else:  # a bug, or Ctrl-C
+    traceback.print_exception(error)
+    code = 130 if isinstance(error, KeyboardInterrupt) else 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _class_labels(entry: str) -> dict[str, Any]:
@@ -270,13 +451,17 @@ def run(entry: str, argv: Optional[Sequence[str]], description: str) -> Any:
   logging.getLogger("prompt_tuning_jax").setLevel(logging.INFO)
   try:
     maybe_initialize_distributed()
-    parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths)
+    bindings = t5x_bindings(args.gin_bindings, entry)
+    used = parse_gin(args.gin_files, bindings, args.gin_search_paths)
+    warn_unread_macros(bindings, used, entry)
     import_task_modules()
+    check_task_name()
     check_entry_arguments(entry)
+    if entry == "train":
+      warn_t5x_train_steps()
     return ENTRY_POINTS[entry](**_class_labels(entry))
   except USER_ERRORS as e:
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    raise SystemExit(USAGE_EXIT_CODE) from None
+    raise usage_error(e) from None
 
 
 def write_config(directory: str) -> None:
@@ -295,7 +480,7 @@ def train_settings(gin_files: Sequence[str], gin_bindings: Sequence[str],
   `@configurable()` references called, its `%MACRO`s resolved), and unbound ones take `train`'s
   defaults.
   """
-  parse_gin(gin_files, gin_bindings, user_search_paths)
+  parse_gin(gin_files, t5x_bindings(gin_bindings, "train"), user_search_paths)
   import_task_modules()
   check_entry_arguments("train")
   settings = {}

@@ -7,12 +7,15 @@ The command line of `ensembling.evaluate_ensemble`; see gin_configs/runs/prompt_
 """
 from typing import Any, Optional, Sequence
 
-from prompt_tuning_jax import cli, ensembling
+from prompt_tuning_jax import console
 
 
+@console.command
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """`--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`; prints the table (each
-  member, their average, the best member, the ensemble) and returns it."""
+  member, their average, the best member, the ensemble) and returns it when called with `argv`."""
+  from prompt_tuning_jax import (  # pylint: disable=g-import-not-at-top (after console.command)
+      cli, ensembling)
   results = cli.run("evaluate_ensemble", argv, "Evaluate an ensemble of prompts on a task.")
   print(ensembling.format_table(results))
   return results

@@ -7,12 +7,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prompt_tuning_jax import cli
+from prompt_tuning_jax import console
 
 
+@console.command
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """`--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`; prints each task's
   metrics."""
+  from prompt_tuning_jax import cli  # pylint: disable=g-import-not-at-top (after console.command)
   results = cli.run("evaluate", argv, "Evaluate a trained prompt on a task.")
   for task, task_metrics in results.items():
     shown = {k: v for k, v in task_metrics.items() if np.ndim(v) == 0}

@@ -5,22 +5,33 @@
 or once per length bucket with `length_buckets`: the examples then go sorted by input length
 (`batching.batches_by_length`), and seqio puts the results back in its order by their indices.
 `make_evaluator` builds a `seqio.Evaluator` that writes metrics to TensorBoard and, with predictions,
-to JSON lines under `log_dir`.
+to JSON lines under `log_dir`. `evaluate` announces each evaluation in one line (what it decodes and
+scores) and another when it is done; on a terminal a progress bar counts the examples as their
+outputs are ready.
 """
 import dataclasses
 import functools
+import logging
+import sys
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tqdm
 
 from prompt_tuning_jax import batching, decoding, freezing, partitioning, scoring, xla_cpu
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
 _INDEX = "_seqio_index"  # seqio's example index, carried as a feature through the batching
+
+# What each of seqio's model output types does to an example, for the announcement.
+_PASS_NAMES = {"PREDICTION": "decoding", "PREDICTION_WITH_AUX": "decoding", "SCORE": "scoring"}
+
+logger = logging.getLogger("prompt_tuning_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,7 @@ class Predictor:
     self.model, self.frozen, self.batch_size = model, frozen, batch_size
     self.decoding_config, self.length_buckets = decoding_config, tuple(length_buckets)
     self.trainable: Any = {}
+    self.progress: Optional[tqdm.tqdm] = None  # counts examples as their outputs are ready
     self._decoders: dict[int, Callable] = {}
     # With several processes jit takes global arrays only. Every process holds the whole eval set
     # (seqio's Evaluator does not shard it): each batch is split over `data` from that full copy and
@@ -117,15 +129,27 @@ class Predictor:
           compiler_options=xla_cpu.dot_compiler_options(onednn=False))
     return self._decoders[max_length]
 
+  def _count_done(self, pending: Sequence[tuple[np.ndarray, int, Any]], last: bool) -> None:
+    """Counts a batch on the progress bar once its outputs are ready: the one before the newest
+    (which stays queued, so the device is never idle), or with `last` the newest. Without a bar,
+    nothing waits."""
+    if self.progress is not None and len(pending) > (0 if last else 1):
+      _, real, outputs = pending[-1 if last else -2]
+      jax.block_until_ready(outputs)
+      self.progress.update(real)
+
   def predict_fn(self, dataset) -> list[tuple[int, list[int]]]:
-    """seqio's predict_fn: (index, decoded token ids without padding) per example."""
+    """seqio's predict_fn: (index, decoded token ids, 0-padded after EOS) per example. The rows keep
+    one length: seqio stacks them into one array (and its decode stops at EOS)."""
     pending = []  # read back after the loop: the host reads each next batch while the device decodes
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
       max_length = (self.decoding_config.max_decode_length
                     or features["decoder_target_tokens"].shape[1])
       pending.append((indices, real, self._decoder(max_length)(
           self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]))))
-    return [(int(i), [int(t) for t in row if t != 0]) for indices, real, tokens in pending
+      self._count_done(pending, last=False)
+    self._count_done(pending, last=True)
+    return [(int(i), [int(t) for t in row]) for indices, real, tokens in pending
             for i, row in zip(indices, np.asarray(tokens)[:real])]
 
   def score_fn(self, dataset) -> list[tuple[int, float]]:
@@ -135,6 +159,8 @@ class Predictor:
       pending.append((indices, real, self._score(
           self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]),
           self._placed(features["decoder_target_tokens"]))))
+      self._count_done(pending, last=False)
+    self._count_done(pending, last=True)
     return [(int(i), float(s)) for indices, real, scores in pending
             for i, s in zip(indices, np.asarray(scores)[:real])]
 
@@ -177,18 +203,53 @@ def make_evaluator(mixture_or_task_name: str, feature_lengths: Mapping[str, int]
       logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False)
 
 
-def evaluate(evaluator: seqio.Evaluator, predictor: Predictor,
-             step: int) -> dict[str, dict[str, float]]:
-  """Runs one evaluation; returns `{task: {metric: value}}`.
+def evaluate(evaluator: seqio.Evaluator, predictor: Predictor, step: int,
+             progress_bar: Optional[bool] = None) -> dict[str, dict[str, float]]:
+  """Runs one evaluation, announced and timed in a line each; returns `{task: {metric: value}}`.
 
   seqio calls `predict_fn` and/or `score_fn`, as the task's metric functions ask: prediction metrics
   (accuracy, F1, ...) decode, score metrics (e.g. rank classification, perplexity) score the targets.
+  A progress bar counts the examples of each pass (on a terminal, or with `progress_bar`).
   """
-  all_metrics, _ = evaluator.evaluate(compute_metrics=jax.process_index() == 0, step=step,
-                                      predict_fn=predictor.predict_fn, score_fn=predictor.score_fn)
+  passes = {task.name: sorted({metric.model_output_type for metric in task.metric_objs},
+                              key=lambda kind: kind.value) for task in evaluator.eval_tasks}
+  examples = {name: _count(evaluator.cached_model_datasets[name]) for name in passes}
+  what = "; ".join(
+      " and ".join(_PASS_NAMES.get(kind.name, kind.name.lower()) for kind in kinds)
+      + f" {examples[name]} examples of {name}" for name, kinds in passes.items())
+  primary = jax.process_index() == 0
+  use_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+  if primary:
+    _say(f"Evaluating{f' step {step}' if step else ''}: {what}.")
+  start = time.time()
+  predictor.progress = (tqdm.tqdm(total=sum(examples[name] * len(passes[name]) for name in passes),
+                                  unit="example", desc="eval", leave=False, dynamic_ncols=True)
+                        if use_bar and primary else None)
+  try:
+    all_metrics, _ = evaluator.evaluate(compute_metrics=primary, step=step,
+                                        predict_fn=predictor.predict_fn,
+                                        score_fn=predictor.score_fn)
+  finally:
+    if predictor.progress is not None:
+      predictor.progress.close()
+    predictor.progress = None
+  if primary:
+    _say(f"Evaluated{f' step {step}' if step else ''} in {time.time() - start:.0f} s.")
   results = all_metrics.result() if all_metrics is not None else {}
   return {task: {name: _scalar(value) for name, value in metrics.items()}
           for task, metrics in (results or {}).items()}
+
+
+def _count(dataset) -> int:
+  """The number of examples of a finite dataset (seqio's cached eval datasets are in memory)."""
+  cardinality = int(dataset.cardinality())
+  return cardinality if cardinality >= 0 else int(dataset.reduce(0, lambda count, _: count + 1))
+
+
+def _say(line: str) -> None:
+  """Logs `line` above any progress bars (tqdm's write keeps them intact)."""
+  with tqdm.tqdm.external_write_mode(file=sys.stderr):
+    logger.info(line)
 
 
 def _scalar(value) -> Any:

@@ -33,6 +33,10 @@ _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+# config.json keys without a default: T5's architecture.
+_REQUIRED_KEYS = ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers")
+# safetensors' own bound on the JSON header, which the file's first 8 bytes give the length of.
+_MAX_HEADER_BYTES = 100_000_000
 # HF activation names -> ours.
 _ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 _ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
@@ -55,6 +59,11 @@ def read_config(path: str) -> T5Config:
   hf = _read_json(os.path.join(path, CONFIG_FILE))
   if hf.get("model_type", "t5") not in ("t5", "mt5"):
     raise ValueError(f"{path}/{CONFIG_FILE} is a {hf['model_type']!r} model, not T5.")
+  missing = [key for key in _REQUIRED_KEYS if type(hf.get(key)) is not int or hf[key] <= 0]
+  if missing:
+    raise ValueError(f"{path}/{CONFIG_FILE} lacks {', '.join(missing)} (positive integers); a T5 "
+                     f"config.json gives {', '.join(_REQUIRED_KEYS)}. Save it again with "
+                     "save_pretrained.")
   ffn = hf.get("feed_forward_proj", "relu")
   parts = ffn.split("-")
   gated = parts[0] == "gated"
@@ -162,7 +171,10 @@ def _tensors(path: str) -> dict[str, _Tensor]:
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index_file = os.path.join(path, index_name)
     if os.path.isfile(index_file):
-      shards = sorted(set(_read_json(index_file)["weight_map"].values()))
+      weight_map = _read_json(index_file).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file} has no `weight_map` of tensor names to shard files.")
+      shards = sorted(set(map(str, weight_map.values())))
       tensors = {}
       for shard in shards:
         tensors.update(_file_tensors(os.path.join(path, shard)))
@@ -179,27 +191,71 @@ def _file_tensors(filename: str) -> dict[str, _Tensor]:
 
 
 def _safetensors_tensors(filename: str) -> dict[str, _Tensor]:
-  """Parses the safetensors header (8-byte little-endian length, then JSON); reads data lazily."""
+  """Parses the safetensors header (8-byte little-endian length, then JSON); reads data lazily.
+
+  The header's length is bounded by the file's size (and safetensors' 100 MB) before it is read, and
+  each tensor's dtype, shape and byte range are checked against each other and the file.
+  """
+  size = os.path.getsize(filename)
   with open(filename, "rb") as f:
     try:
+      if size < 8:
+        raise ValueError(f"it holds {size} bytes, fewer than the 8 that give its header's length")
       (header_length,) = struct.unpack("<Q", f.read(8))
+      if header_length > size - 8:
+        raise ValueError(f"its header claims {header_length} bytes, but the file holds {size}")
+      if header_length > _MAX_HEADER_BYTES:
+        raise ValueError(f"its header claims {header_length} bytes, more than safetensors' "
+                         f"{_MAX_HEADER_BYTES}")
       header = json.loads(f.read(header_length))
-    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{filename} is not a safetensors file (truncated or corrupt?): {e}") from e
+      if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError among them
+      raise ValueError(f"{filename} is not a safetensors file (empty, truncated or corrupt?): "
+                       f"{e}") from None
   data_start = 8 + header_length
 
-  def reader(entry):
-    begin, end = entry["data_offsets"]
-    dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+  def reader(name, entry):
+    dtype, shape, (begin, end) = _checked_entry(filename, name, entry, size - data_start)
 
     def read():
       with open(filename, "rb") as f:
         f.seek(data_start + begin)
-        return np.frombuffer(f.read(end - begin), dtype).reshape(entry["shape"])
-    return read
+        return np.frombuffer(f.read(end - begin), dtype).reshape(shape)
+    return _Tensor(shape, read)
 
-  return {name: _Tensor(tuple(entry["shape"]), reader(entry))
-          for name, entry in header.items() if name != "__metadata__"}
+  return {name: reader(name, entry) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _checked_entry(filename: str, name: str, entry: Any, data_size: int
+                   ) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+  """(dtype, shape, (begin, end)) of a safetensors header entry, or a `ValueError` saying what of it
+  is wrong: an unknown dtype, a malformed shape or byte range, or a range outside the file or of
+  another size than the shape's."""
+  problem = None
+  if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+    problem = f"{entry!r:.80} is not {{dtype, shape, data_offsets}}"
+  elif entry["dtype"] not in _SAFETENSORS_DTYPES:
+    problem = (f"its dtype {entry['dtype']!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}; save "
+               "the model in one of those")
+  elif not (_int_list(entry["shape"]) and _int_list(entry["data_offsets"])
+            and len(entry["data_offsets"]) == 2):
+    problem = (f"its shape {entry['shape']!r:.40} or data_offsets {entry['data_offsets']!r:.40} "
+               "is not a list of non-negative integers")
+  else:
+    dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+    shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+    if not 0 <= begin <= end <= data_size:
+      problem = f"its bytes [{begin}, {end}) are outside the file's {data_size} bytes of data"
+    elif end - begin != int(np.prod(shape)) * dtype.itemsize:
+      problem = f"its {end - begin} bytes do not hold a {entry['dtype']} array of shape {shape}"
+    else:
+      return dtype, shape, (begin, end)
+  raise ValueError(f"{filename} is corrupt: tensor {name!r}: {problem}.")
+
+
+def _int_list(value: Any) -> bool:
+  return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
 
 
 def _torch_tensors(filename: str) -> dict[str, _Tensor]:
@@ -221,8 +277,12 @@ def _torch_tensors(filename: str) -> dict[str, _Tensor]:
 
 
 def _read_json(filename: str) -> dict[str, Any]:
+  """The JSON object in `filename`; anything else is a `ValueError` naming the file."""
   try:
     with open(filename, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{filename} is not valid JSON: {e}") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{filename} holds a JSON {type(value).__name__}, not an object.")
+  return value

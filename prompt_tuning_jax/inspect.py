@@ -1,23 +1,27 @@
 """Prints what a checkpoint is: its format, its T5 architecture, its size and its parameter tree.
 
-  python -m prompt_tuning_jax.inspect PATH [--json] [--max-distance N]
-  prompt-tuning-inspect PATH [--json]
+  python -m prompt_tuning_jax.inspect PATH [--json | --gin] [--max-distance N]
+  prompt-tuning-inspect PATH [--json | --gin]
 
 PATH is a T5X checkpoint (a `checkpoint_N/` dir, its `checkpoint` file, a single-file msgpack
 checkpoint, or a model dir) or a Hugging Face T5 directory. Only shapes are read, so it is quick even
 for XXL checkpoints. `--json` prints one object with the keys `format`, `config` (T5Config's field
-names; dtype as a string), `num_params` and `params` (`{path: shape}`). A bad path prints a one-line
-error and exits with status 2.
+names; dtype as a string), `num_params` and `params` (`{path: shape}`). `--gin` prints the
+`--gin.t5_config.*` flags, one a line, that make any models/*.gin file describe the checkpoint, and
+on stderr the models/*.gin files that already do and the values the checkpoint does not store (T5X's
+relative-position max distance) with the one assumed. A bad path prints a one-line error and exits
+with status 2.
 """
 import argparse
 import dataclasses
 import json
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
 from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import config as config_lib
 from prompt_tuning_jax.config import T5Config
 
 
@@ -70,11 +74,44 @@ def format_text(path: str, info: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def matching_model_files(fields: Mapping[str, Any]) -> dict[str, T5Config]:
+  """`{models/*.gin file: its architecture}` of the files whose architecture has the stored
+  `fields` (`checkpoints.STORED_FIELDS`; T5 1.1 and its LM-adapted checkpoints share one)."""
+  presets = {f"models/{version}_{size}_prompt.gin": config_lib.t5_config(version, size)
+             for version in config_lib.VERSIONS for size in config_lib.SIZES}
+  return {name: preset for name, preset in presets.items()
+          if all(getattr(preset, field) == fields[field] for field in checkpoints.STORED_FIELDS)}
+
+
+def gin_settings(info: dict[str, Any]) -> tuple[list[str], list[str]]:
+  """(the `--gin.t5_config.*` flags of `describe`'s `info`, notes on them for a reader)."""
+  cfg = dict(info["config"], mlp_activations=tuple(info["config"]["mlp_activations"]))
+  flags = checkpoints.gin_flags({name: cfg[name] for name in (*checkpoints.STORED_FIELDS,
+                                                               "relative_attention_max_distance")})
+  files = matching_model_files(cfg)
+  notes = ["These flags make any models/*.gin file describe the checkpoint; "
+           + (f"{' and '.join(files)} already match it." if files else
+              "no models/*.gin file matches it as it is.")]
+  if info["format"] == checkpoints.T5X:
+    distance = cfg["relative_attention_max_distance"]
+    others = sorted({preset.relative_attention_max_distance for preset in files.values()}
+                    - {distance})
+    notes.append(
+        f"relative_attention_max_distance={distance} is assumed: T5X checkpoints do not store it "
+        f"(T5X's default is {checkpoints.DEFAULT_MAX_DISTANCE}"
+        + (f"; the matching files use {' or '.join(map(str, others))}" if others else "")
+        + "). Give the model's own value with --max-distance N.")
+  return flags, notes
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Command line entry point; returns the exit status (2 for a checkpoint that cannot be read)."""
   parser = argparse.ArgumentParser(prog="prompt-tuning-inspect", description=__doc__.split("\n")[0])
   parser.add_argument("path", help="T5X checkpoint or Hugging Face T5 directory")
-  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  output = parser.add_mutually_exclusive_group()
+  output.add_argument("--json", action="store_true", help="print one JSON object")
+  output.add_argument("--gin", action="store_true",
+                      help="print the --gin.t5_config.* flags that describe the checkpoint")
   parser.add_argument("--max-distance", type=int, default=None,
                       help="relative_attention_max_distance to report (T5X checkpoints lack it)")
   args = parser.parse_args(argv)
@@ -85,6 +122,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   if args.json:
     print(json.dumps(info))
+  elif args.gin:
+    flags, notes = gin_settings(info)
+    print("\n".join(flags))
+    print("\n".join(f"# {note}" for note in notes), file=sys.stderr)
   else:
     print(format_text(args.path, info))
   return 0

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from prompt_tuning_jax import console
+
 GIB = 1024 ** 3
 # Per-device memory and peak dense bfloat16 FLOP/s of the accelerators a plan can target.
 DEVICES = {
@@ -168,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--mesh", type=_parse_mesh, required=True, help="DATAxMODEL, e.g. 2x16")
   parser.add_argument("--device", choices=sorted(DEVICES), required=True)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  own_command_line = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--gin.NAME=VALUE` as the train command line writes it.
   argv = [f"--gin={a[len('--gin.'):]}" if a.startswith("--gin.") else a for a in argv]
@@ -179,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
                JAX_PLATFORMS="cpu")
     return subprocess.call([sys.executable, "-m", "prompt_tuning_jax.plan", *argv], env=env)
+  if own_command_line:  # before TensorFlow loads
+    console.quiet()
   from prompt_tuning_jax import cli  # pylint: disable=g-import-not-at-top
   try:
     settings = cli.train_settings(args.gin_file, args.gin_bindings,

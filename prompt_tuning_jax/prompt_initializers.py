@@ -128,16 +128,32 @@ def from_array(array, name: str = "from_array") -> Initializer:
 
 def load_prompt_file(path: str) -> np.ndarray:
   """A prompt saved with `numpy.save` (with or without `.npy`, e.g. the official code's
-  `numpy_checkpoints/checkpoint_N/encoder.prompt.prompt.prompt`): a float `[length, embed]` array."""
+  `numpy_checkpoints/checkpoint_N/encoder.prompt.prompt.prompt`): a finite float `[length, embed]`
+  array.
+
+  The file is memory-mapped first, so a header that claims more data than the file holds is an error
+  rather than an allocation of that size.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No prompt file at {path!r} (PROMPT_FILE).")
   try:
-    array = np.load(path, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(f"PROMPT_FILE {path!r} is not a numpy .npy array: {e}") from None
-  if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, EOFError) as e:
+    raise ValueError(f"PROMPT_FILE {path!r} is not a numpy .npy array (empty, truncated or of "
+                     f"another format: {e}); save the prompt with numpy.save.") from None
+  if not isinstance(mapped, np.ndarray):  # an .npz archive
+    names = list(mapped.files)
+    mapped.close()
+    raise ValueError(f"PROMPT_FILE {path!r} is a .npz archive of {names}, not a numpy .npy array; "
+                     "save the prompt alone with numpy.save.")
+  array = np.array(mapped)
+  if array.ndim != 2 or not array.size or not np.issubdtype(array.dtype, np.floating):
     raise ValueError(f"PROMPT_FILE {path!r} holds a {array.dtype} array of shape {array.shape}; a "
                      "prompt is a float [prompt_length, embed_dim] array.")
+  bad = np.count_nonzero(~np.isfinite(array))
+  if bad:
+    raise ValueError(f"PROMPT_FILE {path!r} holds {bad} NaN or Inf values; use a prompt saved "
+                     "before the run diverged (an earlier numpy_checkpoints/checkpoint_N).")
   return array
 
 

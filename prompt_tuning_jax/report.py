@@ -3,8 +3,12 @@
 Reads `MODEL_DIR/train_metrics.jsonl` (rows `{"step", "kind", ...}`, see `metrics_logging`) or, when
 it is missing, the TensorBoard events under `MODEL_DIR/train`, and writes
 
-  report.png  the training loss (and eval loss), the learning rate and each eval metric per step;
-  report.md   the best step and metric, the final losses, the prompt's shape and L2 norm, examples/s.
+  report.png  per training step: the train loss and the prompt's gradient norm (each logged batch
+              and a moving average), the eval loss per token and token accuracy, and each task
+              metric; the learning rate too when it changes (a constant one is named in a title);
+              the title names the task and the model (from `MODEL_DIR/run_config.json`);
+  report.md   the best step and metric, the train loss at the start and end, the final losses and
+              metrics, the prompt's shape and norms, examples/s: each row says what its number is.
 
   python -m prompt_tuning_jax.report MODEL_DIR [--output_dir DIR] [--metric accuracy]
 
@@ -21,19 +25,27 @@ import os
 import re
 import statistics
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from matplotlib import figure as figure_lib
 from matplotlib import ticker
 import numpy as np
 
 METRICS_FILE = "train_metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
+# `losses.NUM_REAL_TARGET_TOKENS`, spelled out so that drawing a report does not import JAX.
+PER_TOKEN_FACTOR = "NUM_REAL_TARGET_TOKENS"
 BEST_FILE = os.path.join("best", "best.json")
 PROMPT_FILE = "encoder.prompt.prompt.prompt"
 TRAIN, EVAL = "train", "eval"
 # Metrics where lower is better; every other eval metric is taken as higher-is-better.
 LOWER_IS_BETTER = ("loss", "loss_per_token", "invalid_prediction_rate")
 _NUMPY_STEP = re.compile(r"checkpoint_(\d+)")
+_TASK_METRIC_MEANINGS = {
+    "accuracy": "percent of the eval split's decoded answers that are the target",
+    "invalid_prediction_rate": "percent of the eval split's decoded answers that are none of the "
+                               "task's labels",
+}
 
 # {kind: {metric: [(step, value), ...]}}; kind is "train", "eval" or "eval/<task>".
 Curves = dict[str, dict[str, list[tuple[int, float]]]]
@@ -134,45 +146,167 @@ def examples_per_second(curves: Curves) -> Optional[float]:
   return statistics.median(values) if values else None
 
 
-def plot(curves: Curves, best: Optional[Best], path: str, title: str) -> None:
-  """The PNG: train loss, learning rate, eval loss, and a panel per eval metric (a line per task)."""
+def read_run_config(model_dir: str) -> dict[str, Any]:
+  """`MODEL_DIR/run_config.json` (the run's task, model and settings), or {} when it is missing."""
+  path = os.path.join(model_dir, RUN_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def describe_run(model_dir: str, run_config: dict[str, Any]) -> str:
+  """`task | model (embed, layers) | prompt P x E | directory`, as far as the run config says."""
+  parts = [run_config["mixture_or_task_name"]] if "mixture_or_task_name" in run_config else []
+  model = run_config.get("model_config")
+  if model:
+    path = run_config.get("initial_checkpoint_path")
+    names = (path or "").rstrip("/").split("/")
+    # `.../t5_1_1_lm100k_base/checkpoint_1100000` is named by its model directory too.
+    name = ("random T5" if path is None else
+            "/".join(names[-2:]) if names[-1].startswith("checkpoint_") else names[-1])
+    parts.append(f"{name} (embed {model['emb_dim']}, {model['num_encoder_layers']}+"
+                 f"{model['num_decoder_layers']} layers)")
+    if "prompt_length" in run_config:
+      parts.append(f"prompt {run_config['prompt_length']} x {model['emb_dim']}")
+  parts.append(os.path.basename(os.path.abspath(model_dir)))
+  return " | ".join(parts)
+
+
+def train_loss_unit(run_config: dict[str, Any]) -> str:
+  """What the logged train loss is a sum or mean of, from the run's `loss_normalizing_factor`."""
+  factor = run_config.get("loss_config", {}).get("loss_normalizing_factor")
+  if factor is None:
+    return "summed over the batch's target tokens"
+  if factor == PER_TOKEN_FACTOR:
+    return "per target token"
+  return f"summed over the batch's target tokens, divided by {factor:g}"
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+  """The mean of the `window` values centred on each point (fewer at either end), so that the trend
+  is not drawn late."""
+  values = np.asarray(values, np.float64)
+  total = np.concatenate([[0.0], np.cumsum(values)])
+  index = np.arange(len(values))
+  starts = np.maximum(index - window // 2, 0)
+  ends = np.minimum(index + (window - 1) // 2 + 1, len(values))
+  return (total[ends] - total[starts]) / (ends - starts)
+
+
+def smoothing_window(num_points: int) -> int:
+  """A tenth of the points, at least 3: wide enough to show a trend through batch noise."""
+  return max(3, num_points // 10)
+
+
+@dataclasses.dataclass
+class Panel:
+  """One panel of the PNG: its lines `(label, [(step, value), ...])` against the training step."""
+  title: str
+  ylabel: str
+  lines: list[tuple[str, list[tuple[int, float]]]]
+  bounds: Optional[tuple[float, float]] = None  # the y range of a bounded quantity (%, fraction)
+  smooth: bool = False  # also draw the moving average of a noisy per-batch series
+
+
+def _constant(points: Sequence[tuple[int, float]]) -> Optional[float]:
+  """The value of a series that never changes, else None."""
+  values = [value for _, value in points]
+  return values[0] if values and max(values) == min(values) else None
+
+
+def panels(curves: Curves, run_config: dict[str, Any]) -> list[Panel]:
+  """What `plot` draws: train loss (and learning rate unless it is constant), gradient norm, eval
+  loss and token accuracy, and one panel per task metric with a line per task."""
   train = curves.get(TRAIN, {})
-  panels: list[tuple[str, list[tuple[str, list[tuple[int, float]]]]]] = []
-  panels.append(("train loss", [("train loss", train["loss"])] if "loss" in train else []))
-  if "learning_rate" in train:
-    panels.append(("learning rate", [("learning rate", train["learning_rate"])]))
-  for name in ("loss_per_token", "token_accuracy"):
-    if name in curves.get(EVAL, {}):
-      panels.append((f"eval {name.replace('_', ' ')}", [("eval", curves[EVAL][name])]))
-  names = sorted({name for kind in task_kinds(curves) for name in curves[kind]})
-  for name in names:
+  result = []
+  rate = train.get("learning_rate", [])
+  constant_rate = _constant(rate)
+  if "loss" in train:
+    title = "train loss" + (f" (learning rate {constant_rate:g}, constant)"
+                            if constant_rate is not None else "")
+    result.append(Panel(title, f"loss, {train_loss_unit(run_config)}",
+                         [("logged batch", train["loss"])], smooth=True))
+  if rate and constant_rate is None:
+    result.append(Panel("learning rate", "learning rate", [("learning rate", rate)]))
+  if "grad_norm" in train:
+    result.append(Panel("gradient norm", "L2 norm of the prompt's gradient",
+                         [("logged batch", train["grad_norm"])], smooth=True))
+  evals = curves.get(EVAL, {})
+  if "loss_per_token" in evals:
+    result.append(Panel("eval loss", "cross-entropy, nats per target token",
+                         [("eval split", evals["loss_per_token"])]))
+  if "token_accuracy" in evals:
+    result.append(Panel("eval token accuracy", "fraction of target tokens right",
+                         [("eval split", evals["token_accuracy"])], bounds=(0.0, 1.0)))
+  for name in sorted({name for kind in task_kinds(curves) for name in curves[kind]}):
     lines = [(kind.partition("/")[2], curves[kind][name]) for kind in task_kinds(curves)
              if name in curves[kind]]
-    panels.append((f"eval {name}", lines))
+    values = [value for _, points in lines for _, value in points]
+    # Task metrics are percentages (T5's convention, kept by every task here).
+    bounds = (0.0, 100.0) if all(0.0 <= value <= 100.0 for value in values) else None
+    result.append(Panel(f"eval {name}", f"{name} (%)" if bounds else name, lines, bounds))
+  return result
 
-  columns = min(3, len(panels))
-  rows = math.ceil(len(panels) / columns)
+
+def _set_y_limits(axis, panel: Panel) -> None:
+  """Bounded quantities show their whole range; a flat series gets a range around its value rather
+  than matplotlib's +-0.05, and no tick offset."""
+  values = [value for _, points in panel.lines for _, value in points]
+  margin = 0.04
+  if panel.bounds is not None:
+    low, high = panel.bounds
+    axis.set_ylim(low - margin * (high - low), high + margin * (high - low))
+  elif values and max(values) - min(values) <= 1e-6 * max(1.0, abs(max(values))):
+    half = max(0.1 * abs(values[0]), 0.5)
+    axis.set_ylim(values[0] - half, values[0] + half)
+  axis.ticklabel_format(axis="y", useOffset=False)
+
+
+def plot(curves: Curves, best: Optional[Best], path: str, title: str,
+         run_config: Optional[dict[str, Any]] = None) -> figure_lib.Figure:
+  """Writes the PNG, a panel per quantity (`panels`) on the run's step axis, with units on both
+  axes; returns the figure."""
+  drawn = panels(curves, run_config or {})
+  if not drawn:
+    raise ValueError(f"No curves to draw for {title}: the run logged no metrics yet.")
+  last_step = max(step for metrics in curves.values() for points in metrics.values()
+                  for step, _ in points)
+  columns = min(3, len(drawn))
+  rows = math.ceil(len(drawn) / columns)
   # A Figure without pyplot: no global backend or state, so notebooks keep their own backend.
-  figure = figure_lib.Figure(figsize=(5 * columns, 3.4 * rows))
+  figure = figure_lib.Figure(figsize=(5.2 * columns, 3.6 * rows + 0.4))
   axes = figure.subplots(rows, columns, squeeze=False)
-  for axis, (panel_title, lines) in zip(axes.flat, panels):
-    for label, points in lines:
+  for axis, panel in zip(axes.flat, drawn):
+    for label, points in panel.lines:
       steps, values = zip(*points)
-      axis.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
-    if best is not None and panel_title == f"eval {best.metric}":
+      few = len(points) < 20
+      line, = axis.plot(steps, values, marker="o" if few else None, markersize=3, label=label,
+                        alpha=0.35 if panel.smooth and not few else 1.0,
+                        linewidth=1 if panel.smooth else 1.5)
+      if panel.smooth and len(points) >= 6:
+        window = smoothing_window(len(points))
+        axis.plot(steps, moving_average(values, window), color=line.get_color(), linewidth=2,
+                  label=f"moving average of {window}")
+    is_best = best is not None and panel.title == f"eval {best.metric}"
+    if is_best:
       axis.axvline(best.step, color="gray", linestyle="--", linewidth=1,
                    label=f"best (step {best.step})")
-    axis.set_title(panel_title)
-    axis.set_xlabel("step")
+    axis.set_title(panel.title, fontsize=10)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(panel.ylabel, fontsize=9)
+    axis.set_xlim(0, last_step * 1.03 + 1)
     axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    _set_y_limits(axis, panel)
     axis.grid(alpha=0.3)
-    if len(lines) > 1 or (best is not None and panel_title == f"eval {best.metric}"):
+    if len(axis.get_lines()) > 1:
       axis.legend(fontsize=8)
-  for axis in list(axes.flat)[len(panels):]:
+  for axis in list(axes.flat)[len(drawn):]:
     axis.set_visible(False)
   figure.suptitle(title)
   figure.tight_layout()
   figure.savefig(path, dpi=100)
+  return figure
 
 
 def _last(curves: Curves, kind: str, name: str) -> Optional[tuple[int, float]]:
@@ -180,41 +314,74 @@ def _last(curves: Curves, kind: str, name: str) -> Optional[tuple[int, float]]:
   return points[-1] if points else None
 
 
-def summary(model_dir: str, curves: Curves, best: Optional[Best], image_name: str) -> str:
-  """The markdown summary."""
+def first_and_last_tenth(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+  """Mean value over the first and over the last 10% of the steps; an empty window takes the nearest
+  logged step."""
+  last_step = points[-1][0]
+  first = [value for step, value in points if step <= max(last_step / 10, points[0][0])]
+  last = [value for step, value in points if step >= last_step * 9 / 10]
+  return statistics.fmean(first), statistics.fmean(last)
+
+
+def summary(model_dir: str, curves: Curves, best: Optional[Best], image_name: str,
+            run_config: Optional[dict[str, Any]] = None) -> str:
+  """The markdown summary: one row per number, each with what it means."""
+  run_config = run_config or {}
   rows = []
-  last_train = _last(curves, TRAIN, "loss")
-  if last_train:
-    rows.append(("steps", f"{last_train[0]}"))
+  train_loss = curves.get(TRAIN, {}).get("loss", [])
+  if train_loss:
+    rows.append(("steps", f"{train_loss[-1][0]}", "training steps run (the last logged step)"))
   if best is not None:
     task = best.kind.partition("/")[2]
-    rows.append(("best step", f"{best.step}"))
-    rows.append((f"best {best.metric}", f"{best.value:.4g}" + (f" ({task})" if task else "")))
+    source = ("kept in best/best.json by `EvalConfig.best_metric`"
+              if os.path.isfile(os.path.join(model_dir, BEST_FILE)) else
+              "the best value among the eval rows")
+    rows.append(("best step", f"{best.step}", f"the evaluation with the best {best.metric}, "
+                                              f"{source}"))
+    rows.append((f"best {best.metric}", f"{best.value:.4g}" + (f" ({task})" if task else ""),
+                 f"{best.metric} at the best step" + (", in percent" if task else "")))
   elif task_kinds(curves) or EVAL in curves:
-    rows.append(("best step", "unknown: no eval metric"))
+    rows.append(("best step", "unknown: no eval metric", ""))
   else:
-    rows.append(("best step", "no evaluation in this run (EVAL_PERIOD = 0)"))
-  if last_train:
-    rows.append(("final train loss", f"{last_train[1]:.4g} (step {last_train[0]})"))
+    rows.append(("best step", "no evaluation in this run (EVAL_PERIOD = 0)", ""))
+  unit = train_loss_unit(run_config)
+  if train_loss:
+    first, last = first_and_last_tenth(train_loss)
+    rows.append(("final train loss", f"{train_loss[-1][1]:.4g} (step {train_loss[-1][0]})",
+                 f"cross-entropy plus z-loss of the last logged batch, {unit}"))
+    rows.append(("train loss, first and last 10% of steps",
+                 f"{first:.4g} -> {last:.4g} ({100 * (last - first) / first:+.0f}%)",
+                 "mean of the logged batches in the first and in the last tenth of the run"))
+  grad_norm = _last(curves, TRAIN, "grad_norm")
+  if grad_norm:
+    rows.append(("final gradient norm", f"{grad_norm[1]:.4g} (step {grad_norm[0]})",
+                 "L2 norm of the loss's gradient with respect to the prompt, last logged batch"))
   last_eval = _last(curves, EVAL, "loss_per_token")
   if last_eval:
-    rows.append(("final eval loss per token", f"{last_eval[1]:.4g} (step {last_eval[0]})"))
+    rows.append(("final eval loss per token", f"{last_eval[1]:.4g} (step {last_eval[0]})",
+                 "mean cross-entropy (nats) per target token over the eval split, teacher-forced"))
   for kind in task_kinds(curves):
     for name, points in sorted(curves[kind].items()):
       rows.append((f"final {name} ({kind.partition('/')[2]})",
-                   f"{points[-1][1]:.4g} (step {points[-1][0]})"))
+                   f"{points[-1][1]:.4g} (step {points[-1][0]})",
+                   _TASK_METRIC_MEANINGS.get(name, f"the task's {name} of the decoded answers on "
+                                                   "the eval split, in percent")))
   prompt = latest_prompt(model_dir)
   if prompt is not None:
     step, array = prompt
     norms = np.linalg.norm(array, axis=-1)
-    rows.append(("prompt", f"{list(array.shape)}, L2 norm {np.linalg.norm(array):.4g}, per position "
-                           f"mean {norms.mean():.4g} (step {step})"))
+    rows.append(("prompt", f"{list(array.shape)}, L2 norm {np.linalg.norm(array):.4g}, "
+                           f"per position mean {norms.mean():.4g} (step {step})",
+                 "the latest saved prompt: [positions, embed], the L2 norm of the whole array, and "
+                 "the mean L2 norm of one position's vector (compare the token embeddings')"))
   speed = examples_per_second(curves)
   if speed is not None:
-    rows.append(("examples/s", f"{speed:.4g} (median over log windows)"))
-  table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-  return (f"# Run report: {os.path.abspath(model_dir)}\n\n![curves]({image_name})\n\n"
-          f"| | |\n| --- | --- |\n{table}\n")
+    rows.append(("examples/s", f"{speed:.4g} (median over log windows)",
+                 "training throughput; the first window, which includes compiling, is left out"))
+  table = "\n".join(f"| {name} | {value} | {meaning} |" for name, value, meaning in rows)
+  return (f"# Run report: {describe_run(model_dir, run_config)}\n\n"
+          f"MODEL_DIR: `{os.path.abspath(model_dir)}`\n\n![curves]({image_name})\n\n"
+          f"| | value | what it is |\n| --- | --- | --- |\n{table}\n")
 
 
 def write_report(model_dir: str, output_dir: Optional[str] = None,
@@ -228,9 +395,10 @@ def write_report(model_dir: str, output_dir: Optional[str] = None,
   os.makedirs(output_dir, exist_ok=True)
   image = os.path.join(output_dir, "report.png")
   markdown = os.path.join(output_dir, "report.md")
-  plot(curves, best, image, os.path.basename(os.path.abspath(model_dir)))
+  run_config = read_run_config(model_dir)
+  plot(curves, best, image, describe_run(model_dir, run_config), run_config)
   with open(markdown, "w") as f:
-    f.write(summary(model_dir, curves, best, os.path.relpath(image, output_dir)))
+    f.write(summary(model_dir, curves, best, os.path.relpath(image, output_dir), run_config))
   return image, markdown
 
 

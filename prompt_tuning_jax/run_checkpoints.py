@@ -1,7 +1,9 @@
 """Checkpoints of a prompt-tuning run: what resumes it, the prompt as numpy, the best prompt so far.
 
 A run's MODEL_DIR holds:
-  run_config.json                          its settings, checked on every start (`check_run_config`).
+  run_config.json                          its settings, checked on every start (`check_run_config`)
+                                           and recorded (`record_run_config`).
+  run.lock                                 held by the run that uses the directory (`run_lock`).
   checkpoints/N/                           orbax, step N: `state` (the `TrainState`: prompt, optimizer
                                            state, step, rng) and `data_position` (JSON); the last K.
   numpy_checkpoints/checkpoint_N/NAME      each trainable variable at step N, `np.save`d without a
@@ -12,8 +14,8 @@ A run's MODEL_DIR holds:
                                            a checkpoint found unreadable on restore, moved aside.
 
 The frozen model is never saved: a resumed run re-reads it from its initial checkpoint, so a checkpoint
-of an XXL run is megabytes. Every write is atomic (a temporary name, then a rename) and nothing is
-overwritten: a save of a step that exists is refused. A checkpoint exists once orbax has renamed it into
+of an XXL run is megabytes. Every write is atomic (a temporary name, then a rename) and no checkpoint
+is overwritten: a save of a step that exists is refused. A checkpoint exists once orbax has renamed it into
 place; its numpy files follow, and a restore writes them again if a kill cut them off.
 
 `fault_point` is a test hook: with `PROMPT_TUNING_FAULT=<point>:<step>` in the environment, the process
@@ -71,11 +73,9 @@ def numpy_file_name(path: str) -> str:
 
 
 def check_run_config(model_dir: str, run_config: Mapping[str, Any],
-                     mutable_keys: Sequence[str] = (),
-                     retired_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
-  """Records the run's settings on its first start; on later starts, checks they are the same.
-
-  Call it before any other work: on a mismatch nothing in `model_dir` has been written.
+                     mutable_keys: Sequence[str] = (), retired_keys: Sequence[str] = (),
+                     new_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+  """Checks the run's settings against those recorded in `model_dir`; writes nothing.
 
   Args:
     model_dir: the run's MODEL_DIR.
@@ -83,30 +83,38 @@ def check_run_config(model_dir: str, run_config: Mapping[str, Any],
     mutable_keys: keys that may change between starts (e.g. `train_steps`, `eval_period`).
     retired_keys: `.`-joined paths of settings that runs recorded before they stopped defining a run
       (e.g. `model_config.remat_policy`); a recorded run's are ignored, so it still resumes.
+    new_keys: keys that runs recorded only from some version on; a run recorded without one
+      resumes (and records it).
 
   Returns:
-    `{key: (old, new)}` of the mutable keys that changed (the stored file keeps the first values).
+    `{key: (old, new)}` of the mutable keys that changed, and of the new keys first recorded; `{}`
+    for a new run.
 
   Raises:
     ValueError: `model_dir` holds a run with other settings (each differing key is named with its
-      old and new value), or holds checkpoints but no `run_config.json`.
+      old and new value), holds checkpoints but no `run_config.json`, or an unreadable one.
   """
-  new = json.loads(json.dumps(dict(run_config), sort_keys=True))
+  new = _json_copy(run_config)
   filename = os.path.join(model_dir, RUN_CONFIG_FILE)
   if not os.path.exists(filename):
     if os.path.isdir(os.path.join(model_dir, CHECKPOINTS_DIR)):
       raise ValueError(f"{model_dir} holds checkpoints but no {RUN_CONFIG_FILE}, so its settings "
                        "cannot be checked. Use a new MODEL_DIR.")
-    if jax.process_index() == 0:
-      os.makedirs(model_dir, exist_ok=True)
-      _create_atomically(filename, json.dumps(new, indent=2, sort_keys=True).encode())
     return {}
-  with open(filename) as f:
-    old = _without(json.load(f), retired_keys)
+  try:
+    with open(filename) as f:
+      old = json.load(f)
+    if not isinstance(old, dict):
+      raise ValueError(f"a JSON {type(old).__name__}, not an object")
+  except ValueError as e:
+    raise ValueError(f"{filename} is unreadable ({e}); it records the run's settings, written at its "
+                     "first start: restore it, or use a new MODEL_DIR.") from None
+  old = _without(old, retired_keys)
   absent = "<absent>"
   changed = {key: (old.get(key, absent), new.get(key, absent))
              for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)}
-  refused = {key: values for key, values in changed.items() if key not in mutable_keys}
+  refused = {key: (old_value, new_value) for key, (old_value, new_value) in changed.items()
+             if key not in mutable_keys and not (key in new_keys and old_value == absent)}
   if refused:
     lines = "\n".join(f"  {key}: {old_value!r} in the run, {new_value!r} now"
                       for key, (old_value, new_value) in refused.items())
@@ -117,6 +125,40 @@ def check_run_config(model_dir: str, run_config: Mapping[str, Any],
   return changed
 
 
+def record_run_config(model_dir: str, run_config: Mapping[str, Any],
+                      mutable_keys: Sequence[str] = (), retired_keys: Sequence[str] = (),
+                      new_keys: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+  """`check_run_config`, then records the settings: all of them on the run's first start, the
+  changed mutable ones on a later start (so the file holds the settings in use). Process 0 writes;
+  call it holding the run's lock (`run_lock.RunLock`).
+
+  Returns:
+    What `check_run_config` returns.
+  """
+  filename = os.path.join(model_dir, RUN_CONFIG_FILE)
+  first_start = not os.path.exists(filename)
+  changed = check_run_config(model_dir, run_config, mutable_keys, retired_keys, new_keys)
+  if (first_start or changed) and jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    _write_atomically(filename, json.dumps(_json_copy(run_config), indent=2,
+                                           sort_keys=True).encode())
+  return changed
+
+
+def check_best_metric(model_dir: str, metric_name: Optional[str]) -> None:
+  """Raises a ValueError if `model_dir`'s best prompt was chosen by a metric other than
+  `metric_name` (EvalConfig.best_metric). An unreadable `best.json` passes: the run warns and
+  replaces it at its next best."""
+  try:
+    best = _read_best(os.path.join(model_dir, BEST_DIR))
+  except ValueError:
+    return
+  if metric_name is not None and best is not None and best["metric"] != metric_name:
+    raise ValueError(f"The best prompt in {model_dir}/{BEST_DIR} was chosen by {best['metric']!r}, "
+                     f"not {metric_name!r} (EvalConfig.best_metric); keep one metric per run, or "
+                     "use a new MODEL_DIR.")
+
+
 class RunCheckpointer:
   """Saves and restores a run's `TrainState` and data position in `MODEL_DIR/checkpoints`.
 
@@ -125,15 +167,21 @@ class RunCheckpointer:
   only process 0 writes the numpy files.
   """
 
-  def __init__(self, model_dir: str, keep: int = 3):
-    """`keep`: how many of the latest checkpoints to keep (the numpy prompts are all kept)."""
+  def __init__(self, model_dir: str, keep: Optional[int] = 3):
+    """`keep`: how many of the latest checkpoints to keep, None for all (the numpy prompts are all
+    kept). An unreadable `best/best.json` is reported in one log line and replaced at the next best
+    prompt."""
     self.model_dir = model_dir
     self.directory = os.path.join(model_dir, CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                              cleanup_tmp_directories=True))
-    self._best = _read_best(os.path.join(model_dir, BEST_DIR))
+    try:
+      self._best = _read_best(os.path.join(model_dir, BEST_DIR))
+    except ValueError as e:
+      logger.warning("%s; the run goes on without it, and its next best prompt replaces it.", e)
+      self._best = None
     if jax.process_index() == 0:  # What a kill while writing numpy files left (orbax cleans its own).
       for leftover in glob.glob(os.path.join(model_dir, NUMPY_DIR, ".checkpoint_*.tmp-*")):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -174,13 +222,13 @@ class RunCheckpointer:
         _write_numpy_dir(numpy_dir, arrays)
     except Exception as e:  # orbax and tensorstore raise many unrelated types.
       self._remove_unfinished(step)
-      kept = self.all_steps()
-      no_space = " (the disk is full)" if _is_no_space(e) else ""
+      no_space = _is_no_space(e)
       raise CheckpointError(
-          f"Saving checkpoint {step} in {self.model_dir} failed{no_space}: {type(e).__name__}: {e}\n"
-          + (f"The checkpoints of steps {kept} are intact; rerun the same command to resume from "
-             f"step {kept[-1]}" if kept else "No earlier checkpoint exists")
-          + (" once there is space." if no_space else ".")) from e
+          f"Saving checkpoint {step} in {self.directory} failed"
+          + (": the disk is full" if no_space else "")
+          + f" ({_first_line(e)}). {self.last_good(before=step)} "
+          + ("Free space, then rerun" if no_space else "Rerun") + " the same command to resume."
+      ) from e
 
   def restore(self, step: Optional[int] = None, *, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state, data_position) of step `step`, or of the latest checkpoint that reads back whole.
@@ -219,6 +267,14 @@ class RunCheckpointer:
     raise CheckpointError(f"No checkpoint in {self.directory} reads back whole: the oldest, step "
                           f"{steps[0]}, failed with {_first_line(error.__cause__ or error)}. Use a new "
                           "MODEL_DIR.")
+
+  def last_good(self, before: Optional[int] = None) -> str:
+    """What a failed run left to resume from, in a sentence: its latest checkpoint (before step
+    `before`, one whose save failed), or none."""
+    kept = [step for step in self.all_steps() if before is None or step < before]
+    if not kept:
+      return "No checkpoint has been saved yet."
+    return f"The last good checkpoint is step {kept[-1]} in {self.directory} (kept: {kept})."
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     try:
@@ -328,7 +384,9 @@ def _without(settings: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
 
 
 def _first_line(error: BaseException) -> str:
-  return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+  """`Type: the message's first line`, cut to 200 characters (orbax's messages can be pages)."""
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _is_no_space(error: BaseException) -> bool:
@@ -389,24 +447,39 @@ def _replace_best(model_dir: str, arrays: Mapping[str, np.ndarray], best: dict[s
 
 
 def _read_best(best_dir: str) -> Optional[dict[str, Any]]:
+  """The best prompt's `{'step', 'metric', 'value'}`, or None if there is none.
+
+  Raises:
+    ValueError: `best.json` is not such a JSON object; the message names the file.
+  """
   filename = os.path.join(best_dir, BEST_FILE)
   if not os.path.exists(filename):
     return None
-  with open(filename) as f:
-    return json.load(f)
+  try:
+    with open(filename) as f:
+      best = json.load(f)
+    if not (isinstance(best, dict) and isinstance(best.get("metric"), str)
+            and isinstance(best.get("step"), int)
+            and isinstance(best.get("value"), (int, float))):
+      raise ValueError("not an object of 'step', 'metric' and 'value'")
+  except ValueError as e:
+    raise ValueError(f"{filename} is unreadable ({e})") from None
+  return best
 
 
-def _create_atomically(filename: str, data: bytes) -> None:
-  """Writes `filename` complete under a temporary name, then links it into place.
-
-  Raises:
-    FileExistsError: `filename` exists (e.g. written meanwhile by another start); it is kept.
-  """
+def _write_atomically(filename: str, data: bytes) -> None:
+  """Writes `filename` complete under a temporary name, then renames it into place."""
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(filename)}.tmp-",
                              dir=os.path.dirname(filename) or ".")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
-    os.link(tmp, filename)
+    os.replace(tmp, filename)
   finally:
-    os.remove(tmp)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
+  """`value` as it reads back from JSON (tuples as lists, keys sorted)."""
+  return json.loads(json.dumps(dict(value), sort_keys=True))

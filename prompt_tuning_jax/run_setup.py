@@ -84,5 +84,5 @@ def resolve_execution(execution: ExecutionConfig, model_config: T5Config,
   """`execution` for the mesh's devices (the default device without a mesh), `"auto"` resolved."""
   platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
   resolved = execution.for_platform(platform, model_config)
-  logger.info("Attention: %r on %s.", resolved.attention, platform)
+  logger.debug("Attention: %r on %s.", resolved.attention, platform)
   return resolved

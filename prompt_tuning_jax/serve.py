@@ -6,7 +6,8 @@
 
 Each request line is `{"task": ..., "inputs": ...}`; each output line adds `"prediction"` (greedy
 decoding) and, for a task given `--labels`, `"scores"`: `{label: log-likelihood}`. Requests of all
-tasks share batches (`serving.PromptServer`). Bad input ends with one line, `error: ...`, exit 2.
+tasks share batches (`serving.PromptServer`). Bad input ends with one line, `error: ...`, exit 2;
+the output is written only once every request is answered, in strict JSON (a NaN score is an error).
 """
 import argparse
 import json
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 
 from prompt_tuning_jax import (batching, checkpoints, config, prompt_initializers, prompts, serving,
                                trees, vocabularies)
+from prompt_tuning_jax.tasks import readers
 
 USAGE_EXIT_CODE = 2
 VOCABULARIES = {"t5": vocabularies.t5_vocabulary, "byt5": vocabularies.byt5_vocabulary}
@@ -75,23 +77,16 @@ def _input_lengths(value: str, flag: str) -> list[int]:
 
 
 def read_requests(path: str, tasks: Sequence[str]) -> list[serving.Request]:
-  """The (task, inputs) of each jsonl line; a bad line or unknown task is an error naming the line."""
+  """The (task, inputs) of each jsonl line; a bad line (not UTF-8, not a JSON object, a lone
+  surrogate, see `readers.numbered_jsonl`) or an unknown task is an error naming the line."""
   requests = []
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {number}: not JSON ({e}).") from None
-      if not isinstance(row, dict) or not isinstance(row.get("task"), str) \
-          or not isinstance(row.get("inputs"), str):
-        raise ValueError(f"{path} line {number}: expected {{\"task\": str, \"inputs\": str}}.")
-      if row["task"] not in tasks:
-        raise ValueError(f"{path} line {number}: unknown task {row['task']!r}; prompts were given "
-                         f"for {sorted(tasks)} (--prompt TASK=FILE).")
-      requests.append((row["task"], row["inputs"]))
+  for number, row in readers.numbered_jsonl(path):
+    if not isinstance(row.get("task"), str) or not isinstance(row.get("inputs"), str):
+      raise ValueError(f"{path}:{number}: expected {{\"task\": str, \"inputs\": str}}.")
+    if row["task"] not in tasks:
+      raise ValueError(f"{path}:{number}: unknown task {row['task']!r}; prompts were given for "
+                       f"{sorted(tasks)} (--prompt TASK=FILE).")
+    requests.append((row["task"], row["inputs"]))
   return requests
 
 
@@ -133,10 +128,20 @@ def serve(args: argparse.Namespace) -> int:
     scores = server.score([requests[i] for i in indices], label_set)
     for i, row_scores in zip(indices, scores):
       rows[i]["scores"] = dict(zip(label_set, map(float, row_scores)))
+  lines = [_json_line(row, index) for index, row in enumerate(rows)]  # all, before the file
   with open(args.output, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+    f.writelines(lines)
   return len(rows)
+
+
+def _json_line(row: dict[str, object], index: int) -> str:
+  """A row as a line of strict JSON: a NaN or Inf score is an error, never written."""
+  try:
+    return json.dumps(row, allow_nan=False) + "\n"
+  except ValueError:
+    raise ValueError(f"Request {index + 1} ({row['task']!r}) scored NaN or Inf: "
+                     f"{row.get('scores')}; nothing was written. Check the task's prompt file and "
+                     "the checkpoint.") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

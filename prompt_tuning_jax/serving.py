@@ -209,6 +209,9 @@ class PromptServer:
     if prompt.ndim != 2 or prompt.shape[1] != embed or not 0 < len(prompt) <= max_length:
       raise ValueError(f"A prompt must be [length, {embed}] with 0 < length <= {max_length} "
                        f"(max_prompt_length), got shape {prompt.shape}.")
+    if not np.isfinite(prompt).all():
+      raise ValueError("The prompt holds NaN or Inf values: its scores would be too, and no JSON "
+                       "holds them; use a prompt saved before its run diverged.")
     self._table[slot] = 0.0
     self._table[slot, :len(prompt)] = prompt
     self._lengths[slot] = len(prompt)

@@ -11,9 +11,10 @@ inline. Only the parameters (`target`) are read; the optimizer state is ignored.
 Errors are `ValueError`s (or `FileNotFoundError`s) with a message naming the file;
 `checkpoints.load_checkpoint` turns them into `CheckpointError`s.
 """
+import contextlib
 import os
 import re
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import flax.serialization
 import numpy as np
@@ -22,6 +23,8 @@ import tensorstore as ts
 CHECKPOINT_FILE = "checkpoint"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)")
 _GCS_PATH = re.compile(r"gs://([^/]+)/(.*)", re.DOTALL)
+# The tensorstore drivers of the arrays T5X writes.
+_ARRAY_DRIVERS = ("zarr", "zarr3")
 
 # A parameter as stored: an inline array, or a tensorstore spec (a dict) read on demand.
 Leaf = Union[np.ndarray, dict[str, Any]]
@@ -94,12 +97,31 @@ def leaf_shape(leaf: Leaf) -> tuple[int, ...]:
 def read_arrays(leaves: dict[str, Leaf], dtype: Any) -> dict[str, np.ndarray]:
   """Reads every leaf (tensorstore reads run concurrently) and casts it to `dtype`."""
   stores = {name: ts.open(leaf, read=True) for name, leaf in leaves.items() if isinstance(leaf, dict)}
-  reads = {name: store.result().read() for name, store in stores.items()}
+  reads = {}
+  for name, store in stores.items():
+    with _naming_the_array(name, leaves[name]):
+      reads[name] = store.result().read()
   arrays = {}
   for name, leaf in leaves.items():
-    array = reads[name].result() if name in reads else np.asarray(leaf)
+    if name in reads:
+      with _naming_the_array(name, leaf):
+        array = reads[name].result()
+    else:
+      array = np.asarray(leaf)
     arrays[name] = array.astype(dtype, copy=False)
   return arrays
+
+
+@contextlib.contextmanager
+def _naming_the_array(name: str, spec: dict[str, Any]) -> Iterator[None]:
+  """Re-raises tensorstore's error (a missing array directory, a missing or corrupt chunk) as a
+  `ValueError` that names the parameter and its directory."""
+  try:
+    yield
+  except ValueError as e:
+    reason = str(e).split(" [tensorstore_spec=")[0]  # the spec repeats what the message says
+    raise ValueError(f"the array of {name} at {spec['kvstore']['path']} is missing or corrupt: "
+                     f"{reason}") from None
 
 
 def _read_bytes(filename: str) -> bytes:
@@ -140,17 +162,26 @@ def _absolute_spec(spec: dict[str, Any], checkpoint_dir: str) -> dict[str, Any]:
   """A stored tensorstore spec with its relative path joined to `checkpoint_dir`.
 
   T5X writes the `gfile` kvstore driver: it becomes `file` for a local directory and `gcs` for a
-  `gs://bucket/...` one. Specs of tensorstore<0.1.14 keep the path at the top level.
+  `gs://bucket/...` one. Specs of tensorstore<0.1.14 keep the path at the top level. The arrays
+  are T5X's own: a spec of another driver, or whose path leaves the checkpoint directory (absolute,
+  or through `..`), is refused, so a crafted checkpoint cannot make us read other files.
   """
   spec = dict(spec)
-  kvstore = dict(spec.get("kvstore", {}))
-  relative = kvstore.pop("path", None) or spec.pop("path", None)
-  if relative is None:
+  kvstore = spec.get("kvstore", {})
+  if spec["driver"] not in _ARRAY_DRIVERS or not isinstance(kvstore, dict):
+    raise ValueError(f"The checkpoint in {checkpoint_dir} holds a tensorstore spec T5X does not "
+                     f"write (driver {spec['driver']!r}, kvstore {kvstore!r:.60}); expected a "
+                     f"{' or '.join(_ARRAY_DRIVERS)} array in the checkpoint directory.")
+  relative = kvstore.get("path") or spec.pop("path", None)
+  if not isinstance(relative, str):
     raise ValueError(f"Tensorstore spec without a path in the checkpoint in {checkpoint_dir}: {spec}")
+  if os.path.isabs(relative) or ".." in re.split(r"[/\\]", relative) or "://" in relative:
+    raise ValueError(f"The checkpoint in {checkpoint_dir} names an array at {relative!r}, outside "
+                     "its directory; a T5X checkpoint's arrays are inside it. Refusing to read it.")
   gcs = _GCS_PATH.fullmatch(checkpoint_dir)
   if gcs:
-    kvstore.update(driver="gcs", bucket=gcs.group(1), path=os.path.join(gcs.group(2), relative))
+    spec["kvstore"] = {"driver": "gcs", "bucket": gcs.group(1),
+                       "path": os.path.join(gcs.group(2), relative)}
   else:
-    kvstore.update(driver="file", path=os.path.join(checkpoint_dir, relative))
-  spec["kvstore"] = kvstore
+    spec["kvstore"] = {"driver": "file", "path": os.path.join(checkpoint_dir, relative)}
   return spec

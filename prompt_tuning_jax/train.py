@@ -5,12 +5,15 @@ The command line of `training.train`; see gin_configs/runs/prompt_finetune.gin.
 import os
 from typing import Optional, Sequence
 
-from prompt_tuning_jax import checkpoints, cli, run_checkpoints
+from prompt_tuning_jax import console
 
 
+@console.command
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """`--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`; writes the operative
   config to MODEL_DIR/config.gin and prints where the prompt went."""
+  from prompt_tuning_jax import (  # pylint: disable=g-import-not-at-top (after console.command)
+      checkpoints, cli, run_checkpoints)
   summary = cli.run("train", argv, "Train a prompt on a frozen T5.")
   cli.write_config(summary["model_dir"])
   step = summary["final_step"]

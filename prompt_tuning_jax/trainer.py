@@ -109,15 +109,26 @@ def train_step(state: TrainState, frozen, batch: Batch, *, model: T5,
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-FINITENESS_METRICS = ("loss_finite", "prompt_finite")
+FINITENESS_METRICS = ("loss_finite", "prompt_finite", "prompt_bounded")
 
 
-def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable:
+def max_row_norm(tree) -> jax.Array:
+  """The largest L2 norm of a row (along the last axis) of any leaf of `tree`: for a prompt
+  `[length, embed]`, its longest vector."""
+  return jnp.max(jnp.stack([
+      jnp.max(jnp.sqrt(jnp.sum(jnp.square(jnp.atleast_1d(x).astype(jnp.float32)), axis=-1)))
+      for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False,
+                    norm_bound: Optional[float] = None) -> Callable:
   """`step_fn(state, frozen, batch) -> (state, metrics)` whose metrics also say, as 0-d bools,
-  whether the loss (`loss_finite`) and every new trainable value (`prompt_finite`) are finite.
+  whether the loss (`loss_finite`) and every new trainable value (`prompt_finite`) are finite, and
+  whether no row of them is longer than `norm_bound` (`prompt_bounded`; always, without a bound): a
+  prompt far longer than any embedding has diverged, even where its loss and gradients stay finite.
 
-  With `skip_nonfinite`, a step where either is not keeps its input's trainable params and optimizer
-  state (the step still counts). Both happen on the device, so a loop may queue the next step before
+  With `skip_nonfinite`, a step where any is not keeps its input's trainable params and optimizer
+  state (the step still counts). All happens on the device, so a loop may queue the next step before
   it reads this one's flags.
   """
   def checked_step(state: TrainState, frozen, batch: Batch):
@@ -125,14 +136,17 @@ def with_finiteness(step_fn: Callable, skip_nonfinite: bool = False) -> Callable
     loss_finite = jnp.isfinite(metrics["loss"])
     prompt_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                                        for x in jax.tree_util.tree_leaves(new_state.trainable)]))
+    prompt_bounded = (jnp.asarray(True) if norm_bound is None
+                      else max_row_norm(new_state.trainable) <= norm_bound)
     if skip_nonfinite:
-      finite = loss_finite & prompt_finite
+      finite = loss_finite & prompt_finite & prompt_bounded
       updated_if_finite = lambda new, old: jax.tree_util.tree_map(
           lambda n, o: jnp.where(finite, n, o), new, old)
       new_state = new_state.replace(
           trainable=updated_if_finite(new_state.trainable, state.trainable),
           opt_state=updated_if_finite(new_state.opt_state, state.opt_state))
-    return new_state, dict(metrics, loss_finite=loss_finite, prompt_finite=prompt_finite)
+    return new_state, dict(metrics, loss_finite=loss_finite, prompt_finite=prompt_finite,
+                           prompt_bounded=prompt_bounded)
   return checked_step
 
 
@@ -152,14 +166,15 @@ def _dot_options(mesh: Mesh) -> dict[str, Any]:
 def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
                        state_shardings, frozen_shardings, loss_config: LossConfig = LossConfig(),
                        num_microbatches: int = 1, skip_nonfinite: bool = False,
-                       compiler_options: Optional[dict[str, Any]] = None) -> Callable:
-  """`train_step` `with_finiteness` under `jax.jit`, with the state and frozen params placed by their
-  shardings, the batch split over the mesh's `data` axis and activations sharded by the model's
-  logical constraints; the old state's buffers are donated. Compiled with `compiler_options`, by
-  default the mesh's platform's `xla_cpu.dot_compiler_options`."""
+                       compiler_options: Optional[dict[str, Any]] = None,
+                       norm_bound: Optional[float] = None) -> Callable:
+  """`train_step` `with_finiteness` (`skip_nonfinite`, `norm_bound`) under `jax.jit`, with the state
+  and frozen params placed by their shardings, the batch split over the mesh's `data` axis and
+  activations sharded by the model's logical constraints; the old state's buffers are donated.
+  Compiled with `compiler_options`, by default the mesh's platform's `xla_cpu.dot_compiler_options`."""
   step = partitioning.shard_activations(with_finiteness(functools.partial(
       train_step, model=model, optimizer=optimizer, loss_config=loss_config,
-      num_microbatches=num_microbatches), skip_nonfinite), mesh)
+      num_microbatches=num_microbatches), skip_nonfinite, norm_bound), mesh)
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
                  out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,),

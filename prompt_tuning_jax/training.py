@@ -5,16 +5,20 @@ model from INITIAL_CHECKPOINT_PATH, builds the prompt, shards both over a `(data
 streams the seqio task, runs the compiled train step, evaluates every `EvalConfig.period` steps, and
 saves the resume state (prompt, optimizer state, step, data position) plus the prompt as numpy.
 Restarting the same command resumes from the latest checkpoint that reads back whole and reaches the
-same prompt as an uninterrupted run: the data order is a function of (seed, step). SIGTERM (a
-preemption notice) saves a checkpoint at the current step and returns; a NaN or Inf loss or prompt
-stops the run (or, with `skip_nonfinite_steps`, drops that step's update) and keeps the last good
-checkpoint.
+same prompt as an uninterrupted run: the data order is a function of (seed, step). A run holds
+MODEL_DIR's lock (`run_lock`) while it writes there. SIGTERM (a preemption notice) saves a
+checkpoint at the current step and returns; a NaN or Inf loss or prompt, or a prompt that diverged
+(a vector `DIVERGENCE_FACTOR` times longer than any embedding's), stops the run (or, with
+`skip_nonfinite_steps`, drops that step's update, up to `max_skipped_steps` in a row) and keeps the
+last good checkpoint.
 
 Settings come in groups, as in T5X: `DatasetConfig` (what the run reads), `EvalConfig` (when and on
 what it evaluates), `CheckpointConfig` (when it saves) and `config.ExecutionConfig` (how the model
-is computed, which a resumed run may change).
+is computed, which a resumed run may change). What a resumed run may change, and how, is in
+docs/checkpoints.md.
 """
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -32,24 +36,33 @@ import tensorflow as tf
 
 from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, metrics_logging,
                                optimizers, partitioning, prompt_initializers, prompts,
-                               run_checkpoints, run_setup, trainer, trees)
+                               run_checkpoints, run_lock, run_setup, trainer, trees)
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
 from prompt_tuning_jax.network import T5
 from prompt_tuning_jax.run_checkpoints import fault_point
 
 logger = logging.getLogger("prompt_tuning_jax")
 
-# Settings a resumed run may change; any other difference from the run in MODEL_DIR is an error.
+# Settings a resumed run may change (it records and applies them; `optimizer` holds the optimizer's
+# hyperparameters, LEARNING_RATE among them); any other difference from the run in MODEL_DIR is an
+# error.
 MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
-                        "log_period", "eval_num_examples", "skip_nonfinite_steps")
+                        "log_period", "eval_num_examples", "skip_nonfinite_steps",
+                        "max_skipped_steps", "optimizer")
+# Settings runs record since some version; a run recorded without one resumes.
+NEW_RUN_SETTINGS = ("optimizer_state",)
 # Execution settings that runs recorded inside `model_config` before `ExecutionConfig` held them.
 RETIRED_RUN_SETTINGS = ("model_config.remat_policy", "model_config.attention_chunks")
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                   "decoder_loss_weights")
+# A prompt vector this many times longer than the longest of the frozen embedding and the initial
+# prompt has diverged: its attention saturates, its gradients vanish, and it never comes back.
+DIVERGENCE_FACTOR = 1e3
 
 
 class NonFiniteError(ValueError):
-  """The loss or the prompt became NaN or Inf; the run stopped before saving it."""
+  """The loss or the prompt became NaN or Inf, or the prompt diverged; the run stopped before saving
+  it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +105,10 @@ class EvalConfig:
 class CheckpointConfig:
   """When a training run saves its state and how many saves it keeps, after T5X's
   `utils.SaveCheckpointConfig`. `period` None saves every `EvalConfig.period` steps, or only at the
-  end; the last step and SIGTERM always save. The numpy prompts of every save are kept."""
+  end; the last step and SIGTERM always save. `keep` (None: all) counts the resume checkpoints kept;
+  the numpy prompts of every save are kept."""
   period: Optional[int] = None
-  keep: int = 3
+  keep: Optional[int] = 3
 
 
 def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
@@ -111,7 +125,8 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
           mesh_shape: Sequence[int] = (-1, 1), num_microbatches: int = 1, log_period: int = 10,
           seed: int = 0, max_encoder_length: Optional[int] = None,
           progress_bar: Optional[bool] = None, class_labels: Sequence[str] = (),
-          skip_nonfinite_steps: bool = False, log_batch_hashes: bool = False) -> dict[str, Any]:
+          skip_nonfinite_steps: bool = False, max_skipped_steps: int = 10,
+          log_batch_hashes: bool = False) -> dict[str, Any]:
   """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
 
   Args mirror T5X's macros: MODEL_DIR, TRAIN_STEPS, INITIAL_CHECKPOINT_PATH (None: a random frozen
@@ -120,54 +135,128 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
   `prompt_initializers.from_class_labels` with its `class_labels` bound). `execution` is resolved
   for the mesh's devices before the model is built. `seed` fixes the initialisation and the data
   order. `class_labels` (CLASS_LABELS) are checked against the targets' length.
-  `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or Inf instead of
-  stopping; `log_batch_hashes` (debugging) writes a hash of each batch's tokens to
-  `train_metrics.jsonl`. Everything is checked before anything is written.
+  `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or Inf, or whose
+  prompt diverged, instead of stopping, until `max_skipped_steps` steps in a row are dropped;
+  `log_batch_hashes` (debugging) writes a hash of each batch's tokens to `train_metrics.jsonl`.
+  Everything is checked before anything is written; then the run takes MODEL_DIR's lock.
 
   Returns:
     The summary; `preempted` is True when SIGTERM stopped the run after saving its current step.
 
   Raises:
-    NonFiniteError: the loss or the prompt became NaN or Inf (without `skip_nonfinite_steps`).
+    NonFiniteError: the loss or the prompt became NaN or Inf or the prompt diverged (without
+      `skip_nonfinite_steps`, or `max_skipped_steps` times in a row with it).
+    run_lock.RunLockedError: another run holds MODEL_DIR.
   """
+  _check_settings(model_dir, train_steps, dataset_config, eval_config, checkpoint_config,
+                  log_period, seed, skip_nonfinite_steps, max_skipped_steps)
+  if "://" not in model_dir:  # orbax saves only to absolute paths; gs://... stays as it is
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
   vocabulary, mesh = _check_inputs(
-      dataset_config, eval_config, train_steps, model_config, prompt_length,
+      dataset_config, eval_config, model_config, prompt_length,
       initial_checkpoint_path, assignment_map, mesh_shape, num_microbatches, max_encoder_length,
       class_labels)
   execution = run_setup.resolve_execution(execution, model_config, mesh)
+  metrics_logging.log_run_start(dataset_config.mixture_or_task_name, model_config, prompt_length,
+                                train_steps, dataset_config.batch_size, mesh, execution.attention,
+                                model_dir)
   init_rng, prompt_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
   model, params = _prompted_model(
       model_config, execution, initial_checkpoint_path, assignment_map, prompt_length, prompt_init,
       prompt_combine, vocabulary, init_rng, prompt_rng)
+  norm_bound = _divergence_bound(params)
   data = _Data.read(dataset_config, eval_config, seed, os.path.join(model_dir, "inference_eval"))
   steps = _CompiledSteps.build(
       model, params, mesh, optimizer or optimizers.prompt_tuning_adafactor(), state_rng,
       trainable_patterns, loss_config, num_microbatches, skip_nonfinite_steps,
-      dataset_config.batch_size, eval_config.decoding_config, dataset_config.length_buckets)
-
-  # Everything is checked: from here on MODEL_DIR is written.
-  run_checkpoints.check_run_config(model_dir, _run_identity(
+      dataset_config.batch_size, eval_config.decoding_config, dataset_config.length_buckets,
+      norm_bound)
+  identity = _run_identity(
       dataset_config=dataset_config, train_steps=train_steps, model_config=model_config,
       prompt_length=prompt_length, prompt_combine=prompt_combine,
-      initial_checkpoint_path=initial_checkpoint_path, trainable_patterns=trainable_patterns,
-      loss_config=loss_config, num_microbatches=num_microbatches, eval_config=eval_config,
+      initial_checkpoint_path=initial_checkpoint_path, assignment_map=assignment_map,
+      trainable_patterns=trainable_patterns, loss_config=loss_config,
+      num_microbatches=num_microbatches, eval_config=eval_config,
       checkpoint_config=checkpoint_config, log_period=log_period, seed=seed,
-      skip_nonfinite_steps=skip_nonfinite_steps),
-      mutable_keys=MUTABLE_RUN_SETTINGS, retired_keys=RETIRED_RUN_SETTINGS)
-  checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=checkpoint_config.keep)
-  try:
-    batches_consumed = steps.resume(checkpointer)
-    loop = _TrainLoop(steps, data, checkpointer, dataset_config, eval_config, train_steps,
-                      checkpoint_config.period or eval_config.period or train_steps, log_period,
-                      skip_nonfinite_steps, log_batch_hashes, progress_bar, batches_consumed)
-    return loop.run()
-  finally:
-    checkpointer.close()
+      skip_nonfinite_steps=skip_nonfinite_steps, max_skipped_steps=max_skipped_steps,
+      optimizer=optimizers.hyperparameters(steps.state.opt_state),
+      optimizer_state=optimizers.state_layout(steps.state.opt_state))
+  run_checkpoints.check_run_config(model_dir, identity, MUTABLE_RUN_SETTINGS, RETIRED_RUN_SETTINGS,
+                                   NEW_RUN_SETTINGS)
+  run_checkpoints.check_best_metric(model_dir, eval_config.best_metric)
+
+  # Everything is checked: from here on MODEL_DIR is written, by this run alone.
+  with run_lock.RunLock(model_dir):
+    changed = run_checkpoints.record_run_config(model_dir, identity, MUTABLE_RUN_SETTINGS,
+                                                RETIRED_RUN_SETTINGS, NEW_RUN_SETTINGS)
+    if changed:
+      logger.info("Settings changed since the run's last start, applied from here on: %s.",
+                  "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
+    checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=checkpoint_config.keep)
+    try:
+      batches_consumed = steps.resume(checkpointer)
+      loop = _TrainLoop(steps, data, checkpointer, dataset_config, eval_config, train_steps,
+                        checkpoint_config.period or eval_config.period or train_steps, log_period,
+                        skip_nonfinite_steps, max_skipped_steps, norm_bound, log_batch_hashes,
+                        progress_bar, batches_consumed)
+      return loop.run()
+    except OSError as e:  # a full disk outside the save, which says so itself
+      if e.errno != errno.ENOSPC:
+        raise
+      raise OSError(e.errno, f"No space left on device writing {e.filename or model_dir}. "
+                    f"{checkpointer.last_good()} Free space, then rerun the same command to "
+                    "resume.") from None
+    finally:
+      checkpointer.close()
 
 
-def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, train_steps: int,
-                  model_config: T5Config, prompt_length: int,
-                  initial_checkpoint_path: Optional[str],
+def _check_settings(model_dir: str, train_steps: int, dataset_config: DatasetConfig,
+                    eval_config: EvalConfig, checkpoint_config: CheckpointConfig, log_period: int,
+                    seed: int, skip_nonfinite_steps: bool, max_skipped_steps: int) -> None:
+  """Checks the run's numbers and switches, which would otherwise fail mid-run or, as
+  `CheckpointConfig.keep=0` would, delete the checkpoints a run resumes from."""
+  if not isinstance(model_dir, str) or not model_dir:
+    raise ValueError(f"MODEL_DIR must be a directory's path, got {model_dir!r}.")
+  _check_int("TRAIN_STEPS", train_steps, 1)
+  _check_int("BATCH_SIZE", dataset_config.batch_size, 1)
+  _check_int("EVAL_PERIOD (EvalConfig.period)", eval_config.period, 0,
+             "0 or None: never evaluate")
+  _check_int("EvalConfig.num_examples", eval_config.num_examples, 1, "None: all")
+  _check_int("CHECKPOINT_PERIOD (CheckpointConfig.period)", checkpoint_config.period, 1,
+             "None: every EVAL_PERIOD steps, or at the end")
+  _check_int("CheckpointConfig.keep", checkpoint_config.keep, 1, "None: keep all")
+  _check_int("train.log_period", log_period, 1)
+  _check_int("train.seed", seed, 0)
+  _check_int("train.max_skipped_steps", max_skipped_steps, 1)
+  if not isinstance(skip_nonfinite_steps, bool):
+    raise ValueError(f"train.skip_nonfinite_steps must be True or False, got "
+                     f"{skip_nonfinite_steps!r}.")
+
+
+def _check_int(name: str, value: Any, minimum: int, none_means: Optional[str] = None) -> None:
+  """Raises a ValueError naming the setting unless `value` is an int of at least `minimum` (or
+  None, where `none_means` says what None does)."""
+  if value is None and none_means is not None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    kind = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
+    raise ValueError(f"{name} must be {kind}" + (f" ({none_means})" if none_means else "")
+                     + f", got {value!r}.")
+
+
+def _divergence_bound(params: dict[str, Any]) -> float:
+  """How long a prompt vector may grow: `DIVERGENCE_FACTOR` times the longest row of the frozen
+  embedding and of the initial prompt."""
+  flat = trees.flatten(params)
+  longest = max(float(np.sqrt(np.max(np.einsum("...i,...i->...", x, x))))
+                for x in (np.asarray(flat[path], np.float32)
+                          for path in ("token_embedder/embedding", checkpoints.PROMPT_PATH)
+                          if path in flat))
+  return DIVERGENCE_FACTOR * longest
+
+
+def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, model_config: T5Config,
+                  prompt_length: int, initial_checkpoint_path: Optional[str],
                   assignment_map: Sequence[tuple[str, Optional[str]]], mesh_shape: Sequence[int],
                   num_microbatches: int, max_encoder_length: Optional[int],
                   class_labels: Sequence[str]) -> tuple[seqio.Vocabulary, jax.sharding.Mesh]:
@@ -176,9 +265,6 @@ def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, train_
   lengths, batch_size = dataset_config.task_feature_lengths, dataset_config.batch_size
   run_setup.check_prompt_length(prompt_length)
   run_setup.check_feature_lengths(lengths, prompt_length, max_encoder_length)
-  if train_steps <= 0 or batch_size <= 0:
-    raise ValueError(f"TRAIN_STEPS and BATCH_SIZE must be positive, got {train_steps}, "
-                     f"{batch_size}.")
   vocabulary = run_setup.task_vocabulary(dataset_config.mixture_or_task_name)
   run_setup.check_class_labels(class_labels, lengths["targets"], vocabulary)
   if eval_config.period:
@@ -268,10 +354,11 @@ class _CompiledSteps:
             optimizer: optax.GradientTransformation, state_rng: jax.Array,
             trainable_patterns: Sequence[str], loss_config: trainer.LossConfig,
             num_microbatches: int, skip_nonfinite_steps: bool, batch_size: int,
-            decoding_config: evaluation.DecodingConfig,
-            length_buckets: Sequence[int]) -> "_CompiledSteps":
+            decoding_config: evaluation.DecodingConfig, length_buckets: Sequence[int],
+            norm_bound: float) -> "_CompiledSteps":
     """Splits `params` into trainable and frozen by `trainable_patterns`, places both by the model's
-    logical axes, and compiles the train and eval steps and the predictor over `mesh`."""
+    logical axes, and compiles the train and eval steps and the predictor over `mesh`; a train step
+    whose prompt has a vector longer than `norm_bound` is flagged as diverged."""
     mask = freezing.freeze_mask(params, trainable_patterns)
     trainable, frozen = freezing.split(params, mask)
     trainable_sh, frozen_sh = freezing.split(partitioning.model_param_shardings(model, mesh), mask)
@@ -284,19 +371,27 @@ class _CompiledSteps:
         state=jax.device_put(state, state_sh), state_shardings=state_sh, frozen=frozen,
         batch_sharding=partitioning.batch_sharding(mesh),
         train_step=trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh,
-                                              loss_config, num_microbatches, skip_nonfinite_steps),
+                                              loss_config, num_microbatches, skip_nonfinite_steps,
+                                              norm_bound=norm_bound),
         eval_step=trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config),
         predictor=evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets))
 
   def resume(self, checkpointer: run_checkpoints.RunCheckpointer) -> int:
-    """Restores the latest good checkpoint into `state`, if there is one; returns how many batches
-    the run has consumed."""
+    """Restores the latest good checkpoint into `state`, if there is one, with this run's optimizer
+    hyperparameters (a new LEARNING_RATE applies from here on); returns how many batches the run
+    has consumed: one a step, whatever the checkpoint's data position says."""
     if checkpointer.latest_step() is None:
       return 0
     state, data_position = checkpointer.restore(abstract_state=self.state)
+    state = state.replace(opt_state=optimizers.with_hyperparameters(state.opt_state,
+                                                                    self.state.opt_state))
     self.state = jax.device_put(state, self.state_shardings)
-    logger.info("Resumed from %s at step %d.", checkpointer.model_dir, int(self.state.step))
-    return data_position["batches_consumed"]
+    step = int(self.state.step)
+    if data_position.get("batches_consumed") != step:
+      logger.warning("Checkpoint %s/%d: its data position %s does not fit its step; resuming at "
+                     "batch %d (one a step).", checkpointer.directory, step, data_position, step)
+    logger.info("Resumed from %s at step %d.", checkpointer.model_dir, step)
+    return step
 
   def place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of a batch -> the global batch of model features on the mesh."""
@@ -317,13 +412,15 @@ class _TrainLoop:
   def __init__(self, steps: _CompiledSteps, data: _Data,
                checkpointer: run_checkpoints.RunCheckpointer, dataset_config: DatasetConfig,
                eval_config: EvalConfig, train_steps: int, checkpoint_period: int, log_period: int,
-               skip_nonfinite_steps: bool, log_batch_hashes: bool, progress_bar: Optional[bool],
-               batches_consumed: int):
+               skip_nonfinite_steps: bool, max_skipped_steps: int, norm_bound: float,
+               log_batch_hashes: bool, progress_bar: Optional[bool], batches_consumed: int):
     self.steps, self.data, self.checkpointer = steps, data, checkpointer
     self.dataset_config, self.eval_config = dataset_config, eval_config
     self.train_steps, self.checkpoint_period, self.log_period = (train_steps, checkpoint_period,
                                                                   log_period)
-    self.skip_nonfinite_steps, self.log_batch_hashes = skip_nonfinite_steps, log_batch_hashes
+    self.skip_nonfinite_steps, self.max_skipped_steps = skip_nonfinite_steps, max_skipped_steps
+    self.norm_bound, self.log_batch_hashes = norm_bound, log_batch_hashes
+    self.skipped_in_a_row = 0
     self.start_step = int(steps.state.step)
     fault_point("startup", self.start_step)
     # The same shuffled stream on every run (a function of the seed): batch s is the one of step
@@ -393,26 +490,36 @@ class _TrainLoop:
     return local, self.steps.place(local)
 
   def _settle(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Reads whether `step` (already applied, or dropped on the device) was finite: adds its metrics
-    to the log window, or raises NonFiniteError (or warns, with `skip_nonfinite_steps`)."""
-    loss_finite, prompt_finite = _read_finiteness(metrics)
-    if loss_finite and prompt_finite:
+    """Reads whether `step` (already applied, or dropped on the device) was finite and its prompt
+    bounded: adds its metrics to the log window, or raises NonFiniteError (or warns, with
+    `skip_nonfinite_steps`, until `max_skipped_steps` steps in a row are dropped)."""
+    loss_finite, prompt_finite, prompt_bounded = _read_finiteness(metrics)
+    if loss_finite and prompt_finite and prompt_bounded:
       counted = {k: v for k, v in metrics.items() if k not in trainer.FINITENESS_METRICS}
       self.window = (counted if self.window is None
                      else jax.tree_util.tree_map(jnp.add, self.window, counted))
       self.last_metrics = counted
+      self.skipped_in_a_row = 0
       return
-    what = "loss" if not loss_finite else "prompt"
+    what = ("the loss is NaN or Inf" if not loss_finite else
+            "the prompt is NaN or Inf" if not prompt_finite else
+            f"the prompt diverged (a vector longer than {self.norm_bound:.3g}, "
+            f"{DIVERGENCE_FACTOR:g} times the longest embedding's)")
+    learning_rate = _learning_rate(self.steps.state)
+    cause = ("The learning rate" + (f" ({learning_rate:g})" if learning_rate is not None else "")
+             + " is most likely too high: lower it with --gin.LEARNING_RATE=... (a resumed run "
+             "takes the new rate)")
+    self.skipped_in_a_row += 1
     if not self.skip_nonfinite_steps:
-      latest = self.checkpointer.latest_step()
       raise NonFiniteError(
-          f"Step {step}: the {what} is NaN or Inf; stopped without saving it. "
-          + (f"The last good checkpoint is step {latest} in {self.checkpointer.directory}. "
-             if latest is not None else "No checkpoint has been saved yet. ")
-          + "Lower the learning rate, or set --gin.train.skip_nonfinite_steps=True to drop such "
-          "steps.")
-    logger.warning("Step %d: the %s is NaN or Inf; its update is dropped "
-                   "(skip_nonfinite_steps).", step, what)
+          f"Step {step}: {what}; stopped without saving it. {self.checkpointer.last_good()} "
+          f"{cause}, or set --gin.train.skip_nonfinite_steps=True to drop such steps.")
+    if self.skipped_in_a_row >= self.max_skipped_steps:
+      raise NonFiniteError(
+          f"Step {step}: {what}; {self.skipped_in_a_row} steps in a row dropped "
+          f"(train.max_skipped_steps={self.max_skipped_steps}), so the run stopped. "
+          f"{self.checkpointer.last_good()} {cause}.")
+    logger.warning("Step %d: %s; its update is dropped (skip_nonfinite_steps).", step, what)
 
   def _log(self, step: int) -> None:
     """Writes the window's per-token and per-example rates; starts the next window."""
@@ -498,7 +605,9 @@ class _Preemption:
 
 def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
                   checkpoint_config: CheckpointConfig, model_config: T5Config,
-                  trainable_patterns: Sequence[str], **settings) -> dict[str, Any]:
+                  trainable_patterns: Sequence[str],
+                  assignment_map: Sequence[tuple[str, Optional[str]]] = (),
+                  **settings) -> dict[str, Any]:
   """The JSON-able settings that identify a run, for `run_config.json`, under the flat names runs
   have always recorded (so runs written before the settings were grouped still resume)."""
   identity = dict(
@@ -513,6 +622,12 @@ def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
     identity["length_buckets"] = list(dataset_config.length_buckets)
   if dataset_config.split != DatasetConfig.split:
     identity["split"] = dataset_config.split
+  if not dataset_config.shuffle:
+    identity["shuffle"] = False
+  if assignment_map:
+    identity["assignment_map"] = list(assignment_map)
+  if not eval_config.best_higher_is_better:
+    identity["best_higher_is_better"] = False
   return _json_able(identity)
 
 
@@ -529,8 +644,9 @@ def _json_able(value: Any) -> Any:
   return str(jnp.dtype(value))  # the only other kind of setting: a dtype
 
 
-def _read_finiteness(metrics: dict[str, jax.Array]) -> tuple[bool, bool]:
-  """(the step's loss is finite, its prompt is finite): the host's wait for that step."""
+def _read_finiteness(metrics: dict[str, jax.Array]) -> tuple[bool, bool, bool]:
+  """(the step's loss is finite, its prompt is finite, its prompt is bounded): the host's wait for
+  that step."""
   return tuple(bool(x) for x in jax.device_get([metrics[k] for k in trainer.FINITENESS_METRICS]))
 
 
@@ -542,8 +658,7 @@ def _batch_hash(batch: Mapping[str, np.ndarray]) -> int:
 
 def _learning_rate(state: trainer.TrainState) -> Optional[float]:
   """The current learning rate, where the optimizer keeps it (optax.inject_hyperparams)."""
-  value = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
-  return None if value is None else float(value)
+  return optimizers.hyperparameters(state.opt_state).get("learning_rate")
 
 
 def _find_metric(results: Mapping[str, Mapping[str, float]], name: str) -> float:

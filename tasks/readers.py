@@ -5,10 +5,12 @@ as the TFDS version of the dataset (`super_glue`, `glue`, `mrqa`), so that one s
 serves both sources. Nothing here imports TensorFlow.
 """
 import csv
+import functools
 import gzip
 import io
 import json
-from typing import Any, Iterator, Mapping, Optional, Sequence
+import re
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 Example = dict[str, Any]
 
@@ -47,6 +49,13 @@ _GLUE_COLUMNS = {
     "wnli": {"sentence1": ("sentence1",), "sentence2": ("sentence2",)},
 }
 _GLUE_LABEL_COLUMNS = ("label", "gold_label", "Quality", "is_duplicate", "score")
+# Fields of the examples that hold class ids or indices, and lists of strings; every other field
+# holds a string (the TFDS features, whose tf.data signature a value of another type would break).
+_INT_FIELDS = frozenset({"label", "idx", "start1", "start2", "end1", "end2", "span1_index",
+                         "span2_index"})
+_LIST_FIELDS = frozenset({"entities", "answers"})
+_INT32_RANGE = range(-2**31, 2**31)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SUPER_GLUE_TEXT_FEATURES = {
     "boolq": ("question", "passage"),
     "cb": ("premise", "hypothesis"),
@@ -65,8 +74,12 @@ def _open_text(path: str) -> io.TextIOBase:
   return open(path, encoding="utf-8-sig", newline="")
 
 
-def _numbered_jsonl(path: str) -> Iterator[tuple[int, Example]]:
-  """Yields (line number, JSON object) of each non-empty line of a (possibly gzipped) UTF-8 file."""
+def numbered_jsonl(path: str) -> Iterator[tuple[int, Example]]:
+  """Yields (line number, JSON object) of each non-empty line of a (possibly gzipped) UTF-8 file.
+
+  A line that is not valid UTF-8, not JSON, not a JSON object, or holds a lone surrogate (an escape
+  such as `\\ud800` that encodes no character) is a `ValueError` naming the file and the line.
+  """
   with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
     for line_number, raw in enumerate(f, start=1):
       try:
@@ -76,14 +89,25 @@ def _numbered_jsonl(path: str) -> Iterator[tuple[int, Example]]:
                          "the line); save the file as UTF-8.") from None
       if line.strip():
         try:
-          yield line_number, json.loads(line)
+          row = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_number}: not a JSON line: {e}") from e
+        if not isinstance(row, dict):
+          raise ValueError(f"{path}:{line_number}: {line.strip()[:40]!r} is not a JSON object; "
+                           "each line holds one example, {\"name\": value, ...}.")
+        try:
+          if _SURROGATE_ESCAPE.search(line):  # the only way a decoded line holds one
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+          raise ValueError(f"{path}:{line_number}: holds a lone surrogate "
+                           f"{e.object[e.start:e.end]!r}, which is not a character; fix the "
+                           "text.") from None
+        yield line_number, row
 
 
 def read_jsonl(path: str) -> Iterator[Example]:
   """Yields the JSON object on each non-empty line of `path`."""
-  for _, row in _numbered_jsonl(path):
+  for _, row in numbered_jsonl(path):
     yield row
 
 
@@ -171,16 +195,51 @@ def super_glue_examples(task: str, path: str) -> Iterator[Example]:
     task: the TFDS config name: boolq, cb, copa, multirc, record, rte, wic, wsc.fixed, axb or axg.
     path: the jsonl file (e.g. `RTE/val.jsonl` of the official download).
   """
-  for line_number, row in _numbered_jsonl(path):
+  fields = _SUPER_GLUE_TEXT_FEATURES.get(task)
+  expected = f"; a SuperGLUE {task} line has {[*fields, 'idx']}" if fields else ""
+  yield from _jsonl_examples(path, functools.partial(_super_glue_row_examples, task), expected)
+
+
+def _jsonl_examples(path: str, row_examples: Callable[[Example], Iterator[Example]],
+                    expected: str = "") -> Iterator[Example]:
+  """The examples of each line of a jsonl file, checked (`_check_types`); a line whose fields are
+  missing or malformed is a `ValueError` naming the file, the line and the field. `expected` ends
+  the message of a missing field (what a line has)."""
+  for line_number, row in numbered_jsonl(path):
     try:
-      examples = list(_super_glue_row_examples(task, row))
+      examples = list(row_examples(row))
+      for example in examples:
+        _check_types(example)
     except KeyError as e:
-      fields = _SUPER_GLUE_TEXT_FEATURES.get(task)
-      expected = f"; a SuperGLUE {task} line has {[*fields, 'idx']}" if fields else ""
-      raise ValueError(f"{path}:{line_number}: the field {e.args[0]!r} is missing{expected}.") from None
+      raise ValueError(f"{path}:{line_number}: the field {e.args[0]!r} is missing{expected}."
+                       ) from None
     except ValueError as e:
       raise ValueError(f"{path}:{line_number}: {str(e).rstrip('.')}.") from None
+    except (TypeError, AttributeError) as e:  # a nested field of another type
+      raise ValueError(f"{path}:{line_number}: a field has the wrong type ({e}).") from None
     yield from examples
+
+
+def _check_types(example: Mapping[str, Any], parent: str = "") -> None:
+  """Raises a `ValueError` naming the first field of `example` not of its feature's type: an int32
+  (`_INT_FIELDS`, and the fields of a nested `idx`), a list of strings (`_LIST_FIELDS`), else a
+  string."""
+  for name, value in example.items():
+    if isinstance(value, dict) and name == "idx":
+      _check_types(value, parent=f"{name}.")
+      continue
+    if name in _LIST_FIELDS:
+      ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+      kind = "a list of strings"
+    elif name in _INT_FIELDS or parent:
+      ok = isinstance(value, int) and not isinstance(value, bool) and value in _INT32_RANGE
+      kind = "an int32"
+    else:
+      ok, kind = isinstance(value, str), "a string"
+    if not ok:
+      shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+      raise ValueError(f"the field {parent + name!r} is {shown} ({type(value).__name__}), not "
+                       f"{kind}")
 
 
 def _super_glue_row_examples(task: str, row: Mapping[str, Any]) -> Iterator[Example]:
@@ -202,11 +261,17 @@ def _super_glue_row_examples(task: str, row: Mapping[str, Any]) -> Iterator[Exam
     yield example
 
 
-def _first_column(row: Mapping[str, Optional[str]], columns: Sequence[str]) -> Optional[str]:
-  for column in columns:
-    if column in row:
-      return row[column]
-  raise KeyError(f"none of the columns {list(columns)} in row {dict(row)}")
+def _glue_columns(task: str, path: str, header: Sequence[Optional[str]]) -> dict[str, str]:
+  """`{feature: its tsv column}` of a GLUE task from the file's header; a missing column is a
+  `ValueError` naming the file and the column."""
+  columns = {}
+  for feature, candidates in _GLUE_COLUMNS[task].items():
+    columns[feature] = next((column for column in candidates if column in header), None)
+    if columns[feature] is None:
+      raise ValueError(f"{path}: no column {' or '.join(map(repr, candidates))} (GLUE {task}'s "
+                       f"{feature!r}); the header has {[c for c in header if c is not None]}. Use "
+                       "the official tsv file, header line included.")
+  return columns
 
 
 def glue_examples(task: str, path: str) -> Iterator[Example]:
@@ -224,20 +289,20 @@ def glue_examples(task: str, path: str) -> Iterator[Example]:
   # CoLA's train and dev files have no header: source, label, original label, sentence.
   headerless_cola = task == "cola" and not first_line.startswith("index\t")
   fieldnames = ("source", "label", "original_label", "sentence") if headerless_cola else None
+  columns = None
   for row_number, row in enumerate(read_tsv(path, fieldnames)):
-    example: Example = {
-        feature: _first_column(row, columns) for feature, columns in _GLUE_COLUMNS[task].items()
-    }
+    columns = columns or _glue_columns(task, path, list(row))
+    example: Example = {feature: row[column] for feature, column in columns.items()}
     label = next((row[c] for c in _GLUE_LABEL_COLUMNS if c in row), "")
     if None in example.values() or label is None:
       continue
-    if task == "stsb":
-      example["label"] = float(label) if label else -1.0
-    else:
-      try:
+    try:
+      if task == "stsb":
+        example["label"] = float(label) if label else -1.0
+      else:
         example["label"] = _label_id(label, GLUE_LABELS[task]) if label else -1
-      except ValueError as e:
-        raise ValueError(f"{path}: row {row_number + 1}: {str(e).rstrip('.')}.") from None
+    except ValueError as e:
+      raise ValueError(f"{path}: row {row_number + 1}: {str(e).rstrip('.')}.") from None
     example["idx"] = row_number
     yield example
 
@@ -247,14 +312,14 @@ def mrqa_examples(path: str) -> Iterator[Example]:
 
   The format is that of TFDS `mrqa`: `qid`, `context`, `question` (both stripped) and `answers`.
   """
-  for row in read_jsonl(path):
-    if "header" in row:
-      continue
-    context = row["context"].strip()
-    for qa in row["qas"]:
-      yield {
-          "qid": qa["qid"],
-          "context": context,
-          "question": qa["question"].strip(),
-          "answers": list(qa["answers"]),
-      }
+  yield from _jsonl_examples(path, _mrqa_row_examples, "; an MRQA line has 'context' and 'qas'")
+
+
+def _mrqa_row_examples(row: Mapping[str, Any]) -> Iterator[Example]:
+  if "header" in row:
+    return
+  for qa in row["qas"]:
+    example = {"qid": qa["qid"], "context": row["context"], "question": qa["question"],
+               "answers": qa["answers"]}
+    _check_types(example)  # before the strip
+    yield dict(example, context=example["context"].strip(), question=example["question"].strip())

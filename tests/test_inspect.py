@@ -2,12 +2,16 @@
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
+import gin
 import pytest
 
+from prompt_tuning_jax import demo
 from prompt_tuning_jax import inspect as inspect_lib
+from prompt_tuning_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO.parent / "shared" / "checkpoints" / "t5x_t5_1_1_tiny_flaxformer" / "checkpoint_3"
@@ -24,6 +28,13 @@ TINY_JSON = {
 # relpos tables 2x4.
 TINY_PARAMS = (2 * 4 * 32128 + 2 * (4 * 16 + 3 * 32 + 2 * 4) + 2 * (8 * 16 + 3 * 32 + 3 * 4)
                + 2 * 4 + 2 * 8)
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  """Leaves no gin bindings behind for other tests."""
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +104,64 @@ def test_subprocess_json():
   info = json.loads(result.stdout)
   assert info["format"] == "t5x" and info["num_params"] == TINY_PARAMS
   assert info["config"] == dict(TINY_JSON, relative_attention_max_distance=128)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(CHECKPOINT, marks=needs_checkpoint, id="shared"),
+    pytest.param(pathlib.Path(demo.T5X_TEST_CHECKPOINT), id="bundled"),
+])
+def test_gin_flags_of_a_t5x_checkpoint(path, capsys):
+  assert inspect_lib.main([str(path), "--gin"]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.splitlines() == [
+      "--gin.t5_config.vocab_size=32128", "--gin.t5_config.emb_dim=4",
+      "--gin.t5_config.num_heads=2", "--gin.t5_config.head_dim=2", "--gin.t5_config.mlp_dim=8",
+      "--gin.t5_config.num_encoder_layers=2", "--gin.t5_config.num_decoder_layers=2",
+      "--gin.t5_config.mlp_activations=\"('gelu', 'linear')\"",
+      "--gin.t5_config.logits_via_embedding=False",
+      "--gin.t5_config.relative_attention_num_buckets=4",
+      "--gin.t5_config.relative_attention_max_distance=128"]
+  assert captured.err.splitlines() == [
+      "# These flags make any models/*.gin file describe the checkpoint; "
+      "models/t5_1_1_tiny_prompt.gin and models/t5_1_1_lm100k_tiny_prompt.gin already match it.",
+      "# relative_attention_max_distance=128 is assumed: T5X checkpoints do not store it (T5X's "
+      "default is 128; the matching files use 8). Give the model's own value with "
+      "--max-distance N."]
+  assert inspect_lib.main([str(path), "--gin", "--max-distance", "8"]) == 0
+  assert "--gin.t5_config.relative_attention_max_distance=8" in capsys.readouterr().out
+
+
+def test_gin_flags_of_a_hf_dir_store_the_max_distance(hf_dir, capsys):
+  assert inspect_lib.main([str(hf_dir), "--gin"]) == 0
+  captured = capsys.readouterr()
+  assert "--gin.t5_config.mlp_activations=\"('relu',)\"" in captured.out.splitlines()
+  assert "--gin.t5_config.relative_attention_max_distance=20" in captured.out.splitlines()
+  assert captured.err == ("# These flags make any models/*.gin file describe the checkpoint; no "
+                          "models/*.gin file matches it as it is.\n")
+
+
+def test_gin_flags_make_another_model_file_train_on_the_checkpoint(tmp_path, capsys):
+  """The flags fix the mismatch error of models/t5_1_1_base_prompt.gin on the T5X checkpoint."""
+  checkpoint = demo.T5X_TEST_CHECKPOINT
+  argv = ["--gin_file=models/t5_1_1_base_prompt.gin", "--gin_file=runs/prompt_finetune.gin",
+          f"--gin.MODEL_DIR={str(tmp_path / 'run')!r}",
+          "--gin.MIXTURE_OR_TASK_NAME='taskless_super_glue_rte_v102'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}",
+          f"--gin.INITIAL_CHECKPOINT_PATH={checkpoint!r}", f"--gin.DATA_DIR={demo.DEMO_DATA_DIR!r}",
+          "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=0"]
+  with pytest.raises(SystemExit):
+    train.main(argv)
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "does not match the config" in err
+  assert ("it has emb_dim=4, num_heads=2, head_dim=2, mlp_dim=8, num_encoder_layers=2, "
+          "num_decoder_layers=2, relative_attention_num_buckets=4 where the config has emb_dim=768"
+          in err)
+  assert ("Fix: add --gin.t5_config.emb_dim=4 --gin.t5_config.num_heads=2 "
+          "--gin.t5_config.head_dim=2 --gin.t5_config.mlp_dim=8") in err
+  assert f"`python -m prompt_tuning_jax.inspect {checkpoint} --gin` prints every flag" in err
+
+  assert inspect_lib.main([checkpoint, "--gin"]) == 0
+  flags = shlex.split(capsys.readouterr().out)
+  train.main(argv + flags)
+  assert (tmp_path / "run" / "numpy_checkpoints" / "checkpoint_2" /
+          "encoder.prompt.prompt.prompt").is_file()

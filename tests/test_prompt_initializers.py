@@ -77,6 +77,36 @@ def test_from_array_and_npy_check_shape_and_dtype(tmp_path, shared_dir):
     inits.from_npy(str(tmp_path / "missing.npy"))
 
 
+@pytest.mark.parametrize("contents, message", [
+    (b"", "is not a numpy .npy array .*No data left in file"),
+    ("truncated", "is not a numpy .npy array .*mmap length is greater than file size"),
+    ("huge", "is not a numpy .npy array"),
+    ("npz", r"is a .npz archive of \['prompt'\]"),
+    (np.zeros(4, np.float32), r"holds a float32 array of shape \(4,\)"),
+    (np.zeros((1, 3, 4), np.float32), r"holds a float32 array of shape \(1, 3, 4\)"),
+    (np.zeros((0, 4), np.float32), r"holds a float32 array of shape \(0, 4\)"),
+    (np.array([[0.0, np.nan], [np.inf, -np.inf]], np.float32), "holds 3 NaN or Inf values"),
+], ids=["empty", "truncated", "huge_header", "npz", "1d", "3d", "no_rows", "nan_inf"])
+def test_load_prompt_file_refuses_malformed_files(tmp_path, contents, message):
+  path = tmp_path / "prompt.npy"
+  if isinstance(contents, np.ndarray):
+    np.save(path, contents)
+  elif contents == "npz":
+    with open(path, "wb") as f:
+      np.savez(f, prompt=np.zeros((3, 4), np.float32))
+  elif contents in ("truncated", "huge"):
+    np.save(path, np.zeros((3, 4), np.float32))
+    data = path.read_bytes()
+    # Truncated: the header and 3 of 12 floats. Huge: a header that claims 4 TB of floats.
+    header = data[:data.index(b"\n")]
+    huge = header.replace(b"(3, 4)", b"(1000000, 1000000)").rstrip(b" ").ljust(len(header))
+    path.write_bytes(data[:140] if contents == "truncated" else huge + data[len(header):])
+  else:
+    path.write_bytes(contents)
+  with pytest.raises(ValueError, match=message):
+    inits.load_prompt_file(str(path))
+
+
 def test_random_uniform_rejects_a_non_matrix_shape():
   with pytest.raises(ValueError, match=r"\[prompt_length, embed_dim\]"):
     _run(inits.random_uniform(), (3, 4, 5))

@@ -1,15 +1,17 @@
-"""Surviving faults: kills at five points, SIGTERM, corrupt checkpoints, a full disk, NaN; determinism.
+"""Surviving faults: kills at five points, SIGTERM, corrupt checkpoints, a full disk, NaN, a diverging
+prompt; errors that end the process at once; settings a resumed run applies; determinism.
 
 The run is the real T5X tiny checkpoint on the RTE files in ../shared (see `test_train_e2e.flags`), 8
 steps, a checkpoint every 2 and an evaluation at 6 and 8. The killed runs are real processes, killed
 by the `PROMPT_TUNING_FAULT` test hook (`run_checkpoints.fault_point`); they share a persistent
-compilation cache to start faster.
+compilation cache to start faster. Resumed runs start from copies of one 2-step run.
 """
 import errno
 import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ import pytest
 from prompt_tuning_jax import run_checkpoints, train, trainer
 from prompt_tuning_jax.checkpoints import CheckpointError
 from test_run_checkpoints import assert_identical, make_state
-from test_train_e2e import REPO_ROOT, SHARED, flags, prompt_at
+from test_train_e2e import REPO_ROOT, SHARED, flags, listing, prompt_at
 
 pytestmark = pytest.mark.needs_shared(SHARED)
 
@@ -253,8 +255,13 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, 
     _fill(model_dir)
   else:
     _fail_numpy_writes(monkeypatch)
-  with pytest.raises(CheckpointError, match=r"Saving checkpoint 2 .* failed \(the disk is full\)"):
+  with pytest.raises(CheckpointError) as error:
     checkpointer.save(2, make_state(seed=2), {"batches_consumed": 2})
+  message = str(error.value)
+  assert "\n" not in message and len(message) < 600, message
+  assert message.startswith(f"Saving checkpoint 2 in {model_dir}/checkpoints failed: the disk is "
+                            "full"), message
+  assert "The last good checkpoint is step 1 in" in message, message
   assert not glob.glob(os.path.join(model_dir, "checkpoints", "2.*"))
   assert not glob.glob(os.path.join(model_dir, "numpy_checkpoints", ".checkpoint_2*"))
   assert not os.path.exists(os.path.join(model_dir, "numpy_checkpoints", "checkpoint_2"))
@@ -307,3 +314,175 @@ def test_nan_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, caps
   np.testing.assert_array_equal(prompt_at(model_dir, 2), good_prompt)
   assert np.isfinite(prompt_at(model_dir, 4)).all()
   assert not np.array_equal(prompt_at(model_dir, 4), good_prompt)
+
+
+def run_command(argv, env=None, timeout=120):
+  """`python -m prompt_tuning_jax.train argv` as its own process, which must end within `timeout`
+  seconds (an error's exit used to hang on tf.data's iterator)."""
+  return subprocess.run([sys.executable, "-m", "prompt_tuning_jax.train", *argv], cwd=REPO_ROOT,
+                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_one_error_line(result, message):
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_data_row_of_the_wrong_type_ends_the_process_at_once(tmp_path):
+  data = tmp_path / "data" / "superglue" / "RTE"
+  data.mkdir(parents=True)
+  rte = SHARED / "data" / "superglue" / "RTE"
+  (data / "val.jsonl").write_bytes((rte / "val.jsonl").read_bytes())
+  rows = (rte / "train.jsonl").read_text().splitlines()[:8]
+  rows[1] = json.dumps(dict(json.loads(rows[1]), premise=5))
+  (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+  result = run_command(flags(MODEL_DIR=repr(str(tmp_path / "run")),
+                             DATA_DIR=repr(str(tmp_path / "data"))))
+  assert_one_error_line(result, "premise")
+
+
+# A task module (MIXTURE_OR_TASK_MODULE) whose reader checks nothing, so that a row of the wrong
+# type fails inside tf.data's iterator, after MODEL_DIR is written.
+UNCHECKED_TASK_MODULE = """
+import json
+import os
+
+import tensorflow as tf
+
+from prompt_tuning_jax.tasks import common, sources, super_glue
+
+ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rows.jsonl")
+TEXT, ID = tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64)
+common.add_task("unchecked_rte", sources.LocalOrTfdsSource(
+    "rows", {"train": [ROWS], "validation": [ROWS]},
+    lambda path: [json.loads(line) for line in open(path)],
+    {"premise": TEXT, "hypothesis": TEXT, "label": ID, "idx": ID}),
+    super_glue.text_preprocessors("rte"))
+"""
+
+
+def test_an_error_inside_tf_data_ends_the_process_at_once(tmp_path):
+  """The error surfaces from tf.data's iterator mid-run: the process used to hang at exit in the
+  iterator's destructor."""
+  (tmp_path / "unchecked_rte_task.py").write_text(UNCHECKED_TASK_MODULE)
+  rows = [{"premise": f"A cat sat {i}.", "hypothesis": "A cat sits.", "label": i % 2, "idx": i}
+          for i in range(8)]
+  rows[1]["premise"] = 5
+  (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  result = run_command(
+      flags(MODEL_DIR=repr(str(tmp_path / "run")), TRAIN_STEPS="2", CHECKPOINT_PERIOD="2",
+            MIXTURE_OR_TASK_MODULE="'unchecked_rte_task'",
+            MIXTURE_OR_TASK_NAME="'unchecked_rte'"),
+      env={"PYTHONPATH": f"{REPO_ROOT}:{tmp_path}"})
+  assert_one_error_line(result, "reading the data failed: InternalError: Unsupported object type")
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A run of 2 steps (checkpoint 2), to resume in copies."""
+  model_dir = tmp_path_factory.mktemp("two_steps") / "run"
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="2", CHECKPOINT_PERIOD="2"))
+  gin.clear_config()
+  return model_dir
+
+
+def resumed(two_steps, tmp_path, name, **macros):
+  """A copy of `two_steps` resumed in this process with `macros` (TRAIN_STEPS 3 by default)."""
+  model_dir = tmp_path / name
+  shutil.copytree(two_steps, model_dir, symlinks=True)
+  train.main(flags(MODEL_DIR=repr(str(model_dir)), **{"TRAIN_STEPS": "3", "CHECKPOINT_PERIOD": "2",
+                                                       **macros}))
+  gin.clear_config()
+  return model_dir
+
+
+def logged(model_dir, key):
+  with open(model_dir / "train_metrics.jsonl") as f:
+    return [row[key] for row in map(json.loads, f) if row.get("kind", "train") == "train"
+            and key in row]
+
+
+def test_a_new_learning_rate_applies_on_resume(two_steps, tmp_path):
+  """Adafactor's update is the rate times a step the rate does not change, plus the weight decay
+  (1e-5 of the prompt): step 3 from the same checkpoint and batch moves the prompt 0.01 / 0.3 as far
+  at the new rate; the rate is logged and recorded. A change of the optimizer's state layout
+  (weight decay 0) is refused before anything is written."""
+  same, lower = (resumed(two_steps, tmp_path, "same"),
+                 resumed(two_steps, tmp_path, "lower", LEARNING_RATE="0.01"))
+  start = prompt_at(two_steps, 2)
+  step = lambda model_dir: prompt_at(model_dir, 3) - start * (1 - 1e-5)
+  np.testing.assert_allclose(step(lower), step(same) * 0.01 / 0.3, rtol=1e-3, atol=1e-8)
+  assert logged(lower, "learning_rate")[-1] == pytest.approx(0.01)
+  assert logged(same, "learning_rate")[-1] == pytest.approx(0.3)
+  assert json.loads((lower / "run_config.json").read_text())["optimizer"]["learning_rate"] == 0.01
+  before = listing(lower)
+  with pytest.raises(SystemExit):
+    train.main(flags(MODEL_DIR=repr(str(lower)), TRAIN_STEPS="4",
+                     **{"optimizers.prompt_tuning_adafactor.weight_decay": "0.0"}))
+  assert listing(lower) == before
+
+
+def test_a_relative_model_dir_is_made_absolute(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  train.main(flags(MODEL_DIR="'run'", TRAIN_STEPS="1", CHECKPOINT_PERIOD="1"))
+  assert steps_in(tmp_path / "run") == [1]
+  assert f"MODEL_DIR: {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+def test_a_diverging_prompt_stops_the_run_and_keeps_the_checkpoints(two_steps, tmp_path, capsys):
+  """LEARNING_RATE=1e30 makes the prompt 1e30 with finite loss and gradients: stopped at step 3
+  with checkpoint 2 and its prompt as they were; with skip_nonfinite_steps, after 2 steps dropped."""
+  for name, macros in [("stop", {}), ("skip", {"TRAIN_STEPS": "8", "train.skip_nonfinite_steps":
+                                               "True", "train.max_skipped_steps": "2"})]:
+    with pytest.raises(SystemExit) as exit_info:
+      resumed(two_steps, tmp_path, name, LEARNING_RATE="1e30", **macros)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    step = 3 if name == "stop" else 4
+    assert err.startswith(f"error: Step {step}: the prompt diverged"), err
+    assert "The last good checkpoint is step 2" in err and "learning rate (1e+30)" in err
+    if name == "skip":
+      assert "2 steps in a row dropped" in err
+    assert steps_in(tmp_path / name) == [2]
+    assert os.listdir(tmp_path / name / "numpy_checkpoints") == ["checkpoint_2"]
+    np.testing.assert_array_equal(prompt_at(tmp_path / name, 2), prompt_at(two_steps, 2))
+
+
+def test_a_full_disk_mid_run_is_one_line_naming_the_last_good_checkpoint(two_steps, tmp_path,
+                                                                         monkeypatch, capsys):
+  _fail_numpy_writes(monkeypatch)
+  with pytest.raises(SystemExit):
+    resumed(two_steps, tmp_path, "full")
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert err.startswith(f"error: Saving checkpoint 3 in {tmp_path / 'full' / 'checkpoints'} failed: "
+                        "the disk is full"), err
+  assert "The last good checkpoint is step 2" in err and "Free space, then rerun" in err
+  np.testing.assert_array_equal(prompt_at(tmp_path / "full", 2), prompt_at(two_steps, 2))
+
+
+def test_a_bad_best_json_and_data_position_do_not_block_resuming(two_steps, tmp_path, caplog):
+  """A garbled best.json is named in one warning; a data position that does not fit the step is
+  named and recomputed: the run trains step 3 on batch 3, as the run resumed untouched."""
+  model_dir = tmp_path / "edited"
+  shutil.copytree(two_steps, model_dir, symlinks=True)
+  (model_dir / "best").mkdir()
+  (model_dir / "best" / "best.json").write_text("{garbled")
+  position = model_dir / "checkpoints" / "2" / "data_position" / "metadata"
+  with open(position) as f:
+    assert json.load(f) == {"batches_consumed": 2}
+  with open(position, "w") as f:
+    json.dump({"batches_consumed": 0}, f)
+  with caplog.at_level(logging.WARNING, logger="prompt_tuning_jax"):
+    train.main(flags(MODEL_DIR=repr(str(model_dir)), TRAIN_STEPS="3", CHECKPOINT_PERIOD="2",
+                     **{"train.log_batch_hashes": "True"}))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+              and r.name == "prompt_tuning_jax"]
+  assert any("best.json is unreadable" in w for w in warnings), warnings
+  assert any("data position" in w and "resuming at batch 2" in w for w in warnings), warnings
+  untouched = resumed(two_steps, tmp_path, "untouched", **{"train.log_batch_hashes": "True"})
+  assert batch_hashes(model_dir)[3] == batch_hashes(untouched)[3]
+  np.testing.assert_array_equal(prompt_at(model_dir, 3), prompt_at(untouched, 3))

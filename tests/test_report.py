@@ -1,4 +1,4 @@
-"""Run reports rendered from a real short training run on the bundled tiny T5X checkpoint and RTE."""
+"""Run reports rendered from a real short training run on the demo's bundled model and RTE."""
 import json
 import shutil
 
@@ -43,12 +43,50 @@ def test_report_draws_the_curves_and_names_the_best_step(model_dir, capsys):
   prompt = np.load(model_dir / "numpy_checkpoints" / "checkpoint_20" / report.PROMPT_FILE)
   assert f"L2 norm {np.linalg.norm(prompt):.4g}" in text
   assert "| steps | 20 |" in text and "examples/s" in text and "![curves](report.png)" in text
+  assert text.startswith(
+      f"# Run report: {TASK} | random_t5 (embed 192, 2+2 layers) | prompt 4 x 192 | run")
+  rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  assert rows and all(len([c for c in row.split("|")[1:-1] if c.strip()]) == 3 for row in rows)
+
+
+def test_panels_have_units_and_fold_a_constant_learning_rate_into_a_title(model_dir):
+  curves = report.read_curves(str(model_dir))
+  drawn = report.panels(curves, report.read_run_config(str(model_dir)))
+  titles = [panel.title for panel in drawn]
+  assert titles[0] == "train loss (learning rate 0.3, constant)"
+  assert "learning rate" not in titles and "gradient norm" in titles
+  assert drawn[0].ylabel == "loss, summed over the batch's target tokens"
+  assert "eval accuracy" in titles and "eval invalid_prediction_rate" in titles
+
+
+def test_flat_and_single_point_series_get_sane_limits(tmp_path):
+  curves = {"train": {"loss": [(s, 10.0 - s / 10) for s in range(5, 105, 5)],
+                      "learning_rate": [(s, 0.01 * s) for s in range(5, 105, 5)],
+                      "grad_norm": [(s, 0.0) for s in range(5, 105, 5)]},
+            "eval": {"loss_per_token": [(100, 10.65)]},
+            f"eval/{TASK}": {"accuracy": [(50, 0.0), (100, 0.0)]}}
+  figure = report.plot(curves, None, str(tmp_path / "report.png"), "title")
+  axes = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
+  assert set(axes) == {"train loss", "learning rate", "gradient norm", "eval loss", "eval accuracy"}
+  assert axes["gradient norm"].get_ylim() == (-0.5, 0.5)
+  low, high = axes["eval loss"].get_ylim()
+  assert low < 10 < 11 < high
+  low, high = axes["eval accuracy"].get_ylim()
+  assert low < 0 and high > 100
+  assert all(axis.get_xlim()[0] == 0 and axis.get_xlim()[1] > 100 for axis in axes.values())
+  assert len(axes["train loss"].get_lines()) == 2  # each logged batch and the moving average
+
+
+def test_moving_average_is_centred():
+  np.testing.assert_allclose(report.moving_average([1, 2, 3, 4], 3), [1.5, 2, 3, 3.5])
+  np.testing.assert_allclose(report.moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
 
 
 def test_curves_hold_train_and_eval_rows(model_dir):
   curves = report.read_curves(str(model_dir))
   assert [step for step, _ in curves["train"]["loss"]] == [5, 10, 15, 20]
   assert [step for step, _ in curves["train"]["learning_rate"]] == [5, 10, 15, 20]
+  assert [step for step, _ in curves["train"]["grad_norm"]] == [5, 10, 15, 20]
   assert [step for step, _ in curves[f"eval/{TASK}"]["accuracy"]] == [10, 20]
   assert [step for step, _ in curves["eval"]["loss_per_token"]] == [10, 20]
 

@@ -127,10 +127,14 @@ def test_a_corrupt_or_missing_checkpoint_is_one_clear_error(tmp_path, checkpoint
     checkpointer.restore(2, abstract_state=abstract)
 
 
-def test_run_config_is_written_once_and_a_different_run_is_refused(tmp_path):
+def test_run_config_is_recorded_and_a_different_run_is_refused(tmp_path):
+  """`check_run_config` writes nothing; `record_run_config` writes the first start's settings, and
+  a later start's changed mutable ones."""
   model_dir = str(tmp_path / "run")
   config = {"model": "t5_1_1_small", "prompt_length": 100, "train_steps": 1000}
   assert run_checkpoints.check_run_config(model_dir, config) == {}
+  assert not (tmp_path / "run").exists()
+  assert run_checkpoints.record_run_config(model_dir, config) == {}
   config_file = tmp_path / "run" / "run_config.json"
   written = config_file.read_bytes()
   assert json.loads(written) == config
@@ -147,7 +151,44 @@ def test_run_config_is_written_once_and_a_different_run_is_refused(tmp_path):
   assert "train_steps" not in message.split("\n", 1)[1].split("Use a new")[0]
   assert "new MODEL_DIR" in message
   assert config_file.read_bytes() == written
+  assert run_checkpoints.record_run_config(model_dir, changed, mutable_keys=("train_steps",)) == {
+      "train_steps": (1000, 2000)}
+  assert json.loads(config_file.read_text()) == changed
   assert os.listdir(tmp_path / "run") == ["run_config.json"]
+
+
+@pytest.mark.parametrize("text", ["", "{garbled", "[1, 2]"])
+def test_an_unreadable_run_config_is_named(tmp_path, text):
+  (tmp_path / "run_config.json").write_text(text)
+  with pytest.raises(ValueError, match=r"run_config.json is unreadable \(.*\); it records the run's "
+                                       "settings"):
+    run_checkpoints.check_run_config(str(tmp_path), {"a": 1})
+  assert (tmp_path / "run_config.json").read_text() == text
+
+
+def test_a_bad_best_json_is_a_warning_and_replaced_at_the_next_best(tmp_path, caplog,
+                                                                     checkpointer):
+  checkpointer.save_best_prompt(2, make_state().trainable, "accuracy", 90.0)
+  best_dir = tmp_path / "best"
+  (best_dir / "best.json").write_text("{garbled")
+  run_checkpoints.check_best_metric(str(tmp_path), "accuracy")
+  with caplog.at_level("WARNING", logger="prompt_tuning_jax"):
+    reopened = run_checkpoints.RunCheckpointer(str(tmp_path))
+  [warning] = [r.getMessage() for r in caplog.records if r.name == "prompt_tuning_jax"]
+  assert f"{best_dir}/best.json is unreadable (" in warning and "\n" not in warning
+  assert reopened.best_metric() is None
+  assert reopened.save_best_prompt(4, make_state().trainable, "accuracy", 50.0)
+  assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 4
+  reopened.close()
+
+
+def test_a_best_metric_other_than_the_runs_is_refused_before_anything_is_written(tmp_path,
+                                                                                 checkpointer):
+  checkpointer.save_best_prompt(2, make_state().trainable, "accuracy", 50.0)
+  run_checkpoints.check_best_metric(str(tmp_path), "accuracy")
+  run_checkpoints.check_best_metric(str(tmp_path), None)
+  with pytest.raises(ValueError, match="chosen by 'accuracy', not 'f1'"):
+    run_checkpoints.check_best_metric(str(tmp_path), "f1")
 
 
 def test_retired_settings_of_a_recorded_run_are_ignored(tmp_path):
@@ -163,15 +204,17 @@ def test_retired_settings_of_a_recorded_run_are_ignored(tmp_path):
 
 def test_a_run_recorded_before_execution_settings_and_grouped_settings_resumes(tmp_path,
                                                                                tiny_config):
-  """`run_config.json` as train wrote it before `ExecutionConfig` and the grouped settings: flat
-  names, and the execution settings inside `model_config`."""
+  """`run_config.json` as train wrote it before `ExecutionConfig`, the grouped settings and the
+  recorded optimizer: flat names, and the execution settings inside `model_config`. The settings
+  recorded since are mutable, so it resumes."""
   identity = training._run_identity(  # pylint: disable=protected-access
       dataset_config=training.DatasetConfig("rte", {"inputs": 32, "targets": 4}, batch_size=4),
       train_steps=6, model_config=tiny_config, prompt_length=3, prompt_combine="prefix",
       initial_checkpoint_path=None, trainable_patterns=freezing.PROMPT_ONLY,
       loss_config=trainer.LossConfig(), num_microbatches=1, eval_config=training.EvalConfig(),
       checkpoint_config=training.CheckpointConfig(period=3), log_period=10, seed=0,
-      skip_nonfinite_steps=False)
+      skip_nonfinite_steps=False, max_skipped_steps=10, optimizer={"learning_rate": 0.3},
+      optimizer_state=["FactoredState", "EmptyState"])
   recorded = {
       "mixture_or_task_name": "rte", "task_feature_lengths": {"inputs": 32, "targets": 4},
       "train_steps": 6, "batch_size": 4,
@@ -182,8 +225,15 @@ def test_a_run_recorded_before_execution_settings_and_grouped_settings_resumes(t
       "log_period": 10, "eval_num_examples": None, "seed": 0, "skip_nonfinite_steps": False}
   (tmp_path / "run_config.json").write_text(json.dumps(recorded))
   check = lambda run_config: run_checkpoints.check_run_config(
-      str(tmp_path), run_config, training.MUTABLE_RUN_SETTINGS, training.RETIRED_RUN_SETTINGS)
-  assert check(identity) == {}
+      str(tmp_path), run_config, training.MUTABLE_RUN_SETTINGS, training.RETIRED_RUN_SETTINGS,
+      training.NEW_RUN_SETTINGS)
+  assert check(identity) == {"max_skipped_steps": ("<absent>", 10),
+                             "optimizer": ("<absent>", {"learning_rate": 0.3}),
+                             "optimizer_state": ("<absent>", ["FactoredState", "EmptyState"])}
+  (tmp_path / "run_config.json").write_text(json.dumps(dict(recorded, optimizer_state=["A"])))
+  with pytest.raises(ValueError, match=r"optimizer_state: \['A'\] in the run"):
+    check(identity)
+  (tmp_path / "run_config.json").write_text(json.dumps(recorded))
   with pytest.raises(ValueError, match="prompt_length: 3 in the run, 4 now"):
     check(dict(identity, prompt_length=4))
 

@@ -135,6 +135,24 @@ def test_bad_prompts_and_tasks(byte_config, byte_params, task_prompts):
     server.predict([("rte", "a"), ("cola", "b")])
   with pytest.raises(ValueError, match="more than the 5"):
     server.score([("rte", "a")], ["a label far too long"])
+  for bad in (np.nan, np.inf):
+    with pytest.raises(ValueError, match="NaN or Inf"):
+      server.replace("rte", np.where(np.eye(4, byte_config.emb_dim) > 0, bad, 0.0))
+
+
+def test_serve_never_writes_nan(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+  """Scores that come out NaN (here from a patched server) are an error; no output is written."""
+  np.save(tmp_path / "rte.npy", np.ones((3, 4), np.float32))
+  (tmp_path / "in.jsonl").write_text(json.dumps({"task": "rte", "inputs": "a"}) + "\n")
+  monkeypatch.setattr(serving.PromptServer, "score",
+                      lambda self, requests, labels: np.full((len(requests), len(labels)), np.nan))
+  assert serve.main(["--checkpoint", tiny_checkpoint, "--relative_attention_max_distance", "8",
+                     "--prompt", f"rte={tmp_path / 'rte.npy'}", "--requests",
+                     str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                     "--labels", "rte=yes,no", "--max_decode_length", "4"]) == 2
+  error = capsys.readouterr().err
+  assert error.startswith("error: Request 1 ('rte') scored NaN or Inf") and error.count("\n") == 1
+  assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +192,7 @@ def test_serve_cli(tmp_path, tiny_checkpoint, capsys):
   assert serve.main(model_args + ["--requests", str(tmp_path / "bad.jsonl"), "--output",
                                   str(tmp_path / "bad_out.jsonl")]) == 2
   error = capsys.readouterr().err.strip()
-  assert "\n" not in error and "line 2" in error and "'cola'" in error
+  assert "\n" not in error and "bad.jsonl:2: unknown task 'cola'" in error
   for buckets, message in (("4,x", "--length_buckets '4,x': expected comma-separated"),
                            ("4,32", "--length_buckets=[4, 32]: [32] not a positive integer up to "
                                     "--max_input_length=16")):

@@ -165,3 +165,62 @@ def test_bad_json_line_names_the_file(tmp_path):
   path.write_text('{"premise": "a"}\nnot json\n')
   with pytest.raises(ValueError, match=r"val.jsonl:2"):
     list(readers.read_jsonl(str(path)))
+
+
+RTE_LINE = '{"premise": "A cat sat.", "hypothesis": "A cat sits.", "label": "entailment", "idx": 0}'
+
+
+@pytest.mark.parametrize("line, message", [
+    ('[1, 2]', r"val.jsonl:2: '\[1, 2\]' is not a JSON object"),
+    ('"text"', r"val.jsonl:2: '\"text\"' is not a JSON object"),
+    ('{"premise": 5, "hypothesis": "b", "idx": 1}',
+     r"val.jsonl:2: the field 'premise' is 5 \(int\), not a string"),
+    ('{"premise": null, "hypothesis": "b", "idx": 1}',
+     r"val.jsonl:2: the field 'premise' is None \(NoneType\), not a string"),
+    ('{"premise": "a", "hypothesis": "b", "idx": "1"}',
+     r"val.jsonl:2: the field 'idx' is '1' \(str\), not an int32"),
+    ('{"premise": "a", "hypothesis": "b", "idx": 4294967296}',
+     r"val.jsonl:2: the field 'idx' is 4294967296 \(int\), not an int32"),
+    ('{"premise": "a\\ud800", "hypothesis": "b", "idx": 1}',
+     r"val.jsonl:2: holds a lone surrogate '\\ud800'"),
+], ids=["list", "string", "int_text", "null_text", "string_idx", "idx_beyond_int32",
+        "lone_surrogate"])
+def test_malformed_super_glue_lines_name_the_file_line_and_field(tmp_path, line, message):
+  path = tmp_path / "val.jsonl"
+  path.write_text(RTE_LINE + "\n" + line + "\n")
+  with pytest.raises(ValueError, match=message):
+    list(readers.super_glue_examples("rte", str(path)))
+
+
+def test_malformed_nested_fields_are_one_error(tmp_path):
+  path = tmp_path / "val.jsonl"
+  path.write_text('{"idx": 0, "passage": {"text": "t", "questions": 5}}\n')
+  with pytest.raises(ValueError, match=r"val.jsonl:1: a field has the wrong type \(.*int.*\)"):
+    list(readers.super_glue_examples("multirc", str(path)))
+  path.write_text('{"idx": 0, "passage": {"text": "t", "questions": [{"question": "q", "idx": 0, '
+                  '"answers": [{"text": 7, "idx": 0, "label": 1}]}]}}\n')
+  with pytest.raises(ValueError, match=r"val.jsonl:1: the field 'answer' is 7 \(int\)"):
+    list(readers.super_glue_examples("multirc", str(path)))
+
+
+def test_malformed_mrqa_lines_name_the_field(tmp_path):
+  path = tmp_path / "dev.jsonl"
+  path.write_text('{"context": 3, "qas": [{"qid": "a", "question": "q", "answers": ["x"]}]}\n')
+  with pytest.raises(ValueError, match=r"dev.jsonl:1: the field 'context' is 3 \(int\)"):
+    list(readers.mrqa_examples(str(path)))
+  path.write_text('{"context": "c", "qas": [{"qid": "a", "question": "q", "answers": "x"}]}\n')
+  with pytest.raises(ValueError,
+                     match=r"dev.jsonl:1: the field 'answers' is 'x' \(str\), not a list"):
+    list(readers.mrqa_examples(str(path)))
+
+
+def test_glue_tsv_missing_a_column_names_it(tmp_path):
+  path = tmp_path / "dev.tsv"
+  path.write_text("index\tsentence1\tlabel\n0\tA cat sat.\tentailment\n")
+  with pytest.raises(ValueError, match=r"dev.tsv: no column 'sentence2' \(GLUE rte's "
+                                       r"'sentence2'\); the header has \['index', 'sentence1', "
+                                       r"'label'\]"):
+    list(readers.glue_examples("rte", str(path)))
+  path.write_text("index\tsentence1\tsentence2\tscore\n0\ta\tb\thigh\n")
+  with pytest.raises(ValueError, match=r"dev.tsv: row 1: could not convert string to float"):
+    list(readers.glue_examples("stsb", str(path)))

@@ -120,6 +120,29 @@ def test_a_nonfinite_step_is_flagged_and_with_skip_dropped_on_the_device(setup):
     assert kept == skip
 
 
+def test_a_prompt_longer_than_the_bound_is_flagged_and_with_skip_dropped(setup):
+  """A learning rate of 1e30 leaves the loss finite and makes the prompt 1e30: finite, yet past any
+  bound taken from the embeddings, so `prompt_bounded` is False."""
+  model, trainable, frozen, _ = setup
+  optimizer = optimizers.prompt_tuning_adafactor(learning_rate=1e30)
+  batch = make_batch(model.config.vocab_size)
+  state = trainer.TrainState.create(trainable, optimizer, jax.random.PRNGKey(0))
+  bound = 1e3 * float(trainer.max_row_norm(trainable))
+  for skip in (False, True):
+    step = jax.jit(trainer.with_finiteness(functools.partial(
+        trainer.train_step, model=model, optimizer=optimizer), skip, norm_bound=bound))
+    new, metrics = step(state, frozen, batch)
+    assert bool(metrics["loss_finite"]) and bool(metrics["prompt_finite"])
+    assert not bool(metrics["prompt_bounded"])
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)), new.trainable, state.trainable)) == skip
+  _, metrics = jax.jit(trainer.with_finiteness(functools.partial(
+      trainer.train_step, model=model, optimizer=optimizers.prompt_tuning_adafactor()),
+      norm_bound=bound))(trainer.TrainState.create(trainable, optimizers.prompt_tuning_adafactor(),
+                                                   jax.random.PRNGKey(0)), frozen, batch)
+  assert bool(metrics["prompt_bounded"])
+
+
 def _count_dots(fn, *args) -> int:
   return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
 
@@ -218,6 +241,28 @@ def test_adafactor_step_offset_reproduces_t5x_decay():
   # Resumed at 1.1M: the first step keeps only 1.1e6 ** -0.8 of the new squared gradient (optax
   # computes the decay in float32, hence the tolerance).
   assert second_moment_after([1.0], 1_100_000) == pytest.approx(1_100_001.0 ** -0.8, rel=5e-3)
+
+
+@pytest.mark.parametrize("learning_rate", [-1, 0, "fast", float("nan"), None, True])
+def test_adafactor_refuses_a_learning_rate_that_is_not_a_positive_number(learning_rate):
+  with pytest.raises(ValueError, match=r"LEARNING_RATE \(.*\) must be a positive number"):
+    optimizers.prompt_tuning_adafactor(learning_rate=learning_rate)
+
+
+def test_a_restored_optimizer_state_takes_the_runs_hyperparameters():
+  """The learning rate lives in the optimizer state; `with_hyperparameters` puts this run's there,
+  and the next update scales with it. Adafactor's statistics are kept."""
+  params = {"p": jnp.zeros((2, 3))}
+  grads = {"p": jnp.arange(6.0).reshape(2, 3)}
+  old, new = (optimizers.prompt_tuning_adafactor(learning_rate=lr) for lr in (0.3, 0.01))
+  _, saved = old.update(grads, old.init(params), params)
+  restored = optimizers.with_hyperparameters(saved, new.init(params))
+  assert optimizers.hyperparameters(saved)["learning_rate"] == 0.3
+  assert optimizers.hyperparameters(restored)["learning_rate"] == 0.01
+  assert restored.inner_state is saved.inner_state and restored.count is saved.count
+  at_old, _ = old.update(grads, saved, params)
+  at_new, _ = new.update(grads, restored, params)
+  np.testing.assert_allclose(at_new["p"], at_old["p"] * 0.01 / 0.3, rtol=1e-5)
 
 
 def test_mesh_and_batch_checks_name_the_problem():
