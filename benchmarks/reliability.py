@@ -22,7 +22,7 @@ Each class is tried on `python -m prompt_tuning_jax.<tool>` subprocesses. The tr
   non-zero exit within 2 minutes, the files it was given unchanged and its output not created.
 
 A try is clean when no process of it printed a traceback and each that failed said why in one
-`error: ...` line, its last. Prints survived/tried and clean/tried per class; writes JSON.
+`error: ...` line, its last (an architecture mismatch continues it with indented lines). Prints survived/tried and clean/tried per class; writes JSON.
 """
 import argparse
 import glob
@@ -86,7 +86,9 @@ def finished(result: subprocess.CompletedProcess) -> dict[str, Any]:
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   errors = [line for line in lines if line.startswith("error: ")]
   return {"returncode": result.returncode, "traceback": "Traceback" in result.stderr,
-          "one_error_line": len(errors) == 1 and lines[-1] == errors[0],
+          # One `error:` line, its last but for the indented lines that continue it.
+          "one_error_line": len(errors) == 1 and all(
+              line[:1].isspace() for line in lines[lines.index(errors[0]) + 1:]),
           "error": errors[-1][:300] if errors else None, "stderr_tail": result.stderr[-600:]}
 
 

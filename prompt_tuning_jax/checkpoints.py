@@ -59,6 +59,11 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be loaded (missing, unreadable, or not matching the config)."""
 
 
+class ArchitectureMismatchError(CheckpointError):
+  """The checkpoint's parameters do not fit the config's model. Its message keeps its few lines
+  (what differs; indented: the first problems and the `--gin` fix), on the command line too."""
+
+
 def detect_format(path: str) -> str:
   """`huggingface` or `t5x` for `path`; raises `CheckpointError` if it is neither, or if a remote
   path's host does not answer (`check_reachable`)."""
@@ -195,7 +200,7 @@ def param_shapes(config: T5Config, prompt_length: Optional[int] = None) -> dict[
 
 
 def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpoint: str = "") -> None:
-  """Raises one `CheckpointError` of a few lines: the architecture fields that differ, the first
+  """Raises one `ArchitectureMismatchError` of a few lines: the architecture fields that differ, the first
   misshapen, missing and extra parameters, and the `--gin.t5_config.*` flags that fix it.
 
   Args:
@@ -226,10 +231,10 @@ def check_params(expected: Mapping[str, Any], params: Mapping[str, Any], checkpo
          f"(`{inspect_command}` prints every flag and the models/*.gin file that matches)"
          if fields else f"Fix: describe the checkpoint's architecture (`{inspect_command}` prints "
          "the flags)")
-  raise CheckpointError(
+  raise ArchitectureMismatchError(
       f"{source} does not match the config ({count} problem(s)){differ}.\n  "
       + "\n  ".join(kind[0] for kind in kinds if kind)
-      + f"\n{fix}; in Python, `load_checkpoint(path)` without `config=` reads its own "
+      + f"\n  {fix}; in Python, `load_checkpoint(path)` without `config=` reads its own "
       "architecture.")
 
 

@@ -37,6 +37,7 @@ import seqio
 import tensorflow as tf
 
 import prompt_tuning_jax
+from prompt_tuning_jax import checkpoints
 from prompt_tuning_jax import config
 from prompt_tuning_jax import ensembling
 from prompt_tuning_jax import evaluation
@@ -370,7 +371,9 @@ def warn_t5x_train_steps() -> None:
 def one_line(error: BaseException) -> str:
   """The error's message without gin's call notes, on one line; of a TensorFlow error, its first
   line without TensorFlow's function name (the rest quotes the traceback of a function inside
-  tf.data)."""
+  tf.data). An architecture mismatch keeps its few lines: what differs, then the fix."""
+  if isinstance(error, checkpoints.ArchitectureMismatchError):
+    return _GIN_CALL_NOTE.sub("", str(error)).strip()
   if isinstance(error, tf.errors.OpError):
     first = _TF_FUNCTION_NAME.sub("", (error.message.strip() or "?").splitlines()[0])
     return f"reading the data failed: {type(error).__name__}: {first}"

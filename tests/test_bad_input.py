@@ -145,6 +145,7 @@ class Case:
   # `train`, `eval`, `infer`, `ensemble` (model_dir is the output directory) or `serve` (macros are
   # its flags, model_dir its --output).
   tool: str = "train"
+  lines: int = 1  # Of the error: an architecture mismatch gives what differs, then the fix.
 
 
 LABELS = "['entailment', 'not_entailment']"
@@ -195,11 +196,11 @@ CASES = [
     Case("checkpoint_architecture", "The checkpoint is of another architecture",
          {"t5_config.num_encoder_layers": "3"}, "does not match the config",
          "Use the models/*.gin file of the checkpoint's model, or add the --gin flags the error "
-         "gives (`prompt-tuning-inspect CHECKPOINT --gin` prints them all)."),
+         "gives (`prompt-tuning-inspect CHECKPOINT --gin` prints them all).", lines=3),
     Case("checkpoint_vocabulary", "The checkpoint has another vocabulary size",
          {"t5_config.vocab_size": "32000"}, "it has vocab_size=32128 where the config has "
          "vocab_size=32000", "Use the models/*.gin file (vocabulary) of the checkpoint's model, or "
-         "the --gin flags the error gives."),
+         "the --gin flags the error gives.", lines=3),
     # Prompts and prompt files.
     Case("prompt_file_missing", "PROMPT_FILE does not exist",
          {"PROMPT_FILE": "'{tmp}/prompts/no_such.npy'"}, "No prompt file at",
@@ -468,7 +469,7 @@ def test_bad_input_is_one_line_and_writes_nothing(files, capsys, case):
   status = exit_status(case, files)
   err = capsys.readouterr().err
   assert status == 2, err
-  assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("error: ") and err.count("\n") == case.lines and "Traceback" not in err, err
   assert case.message in err
   assert listing(files) == before
   assert model_dir.exists() == (case.model_dir != Case.model_dir)

@@ -185,14 +185,14 @@ def test_msgpack_without_parameters(tmp_path):
 
 
 def test_shape_mismatch_is_a_few_lines_with_the_fields_and_the_fix():
-  with pytest.raises(checkpoints.CheckpointError) as error:
+  with pytest.raises(checkpoints.ArchitectureMismatchError) as error:
     checkpoints.load_checkpoint(str(CHECKPOINT), config=TINY.replace(mlp_dim=16))
   assert str(error.value).splitlines() == [
       f"Checkpoint {CHECKPOINT} does not match the config (12 problem(s)): it has mlp_dim=8 where "
       "the config has mlp_dim=16.",
       "  decoder/layers_0/mlp/wi_0/kernel: the checkpoint has shape (4, 8) but the config expects "
       "(4, 16)",
-      "Fix: add --gin.t5_config.mlp_dim=8 (`python -m prompt_tuning_jax.inspect "
+      "  Fix: add --gin.t5_config.mlp_dim=8 (`python -m prompt_tuning_jax.inspect "
       f"{CHECKPOINT} --gin` prints every flag and the models/*.gin file that matches); in Python, "
       "`load_checkpoint(path)` without `config=` reads its own architecture."]
 

@@ -152,7 +152,10 @@ def test_gin_flags_make_another_model_file_train_on_the_checkpoint(tmp_path, cap
   with pytest.raises(SystemExit):
     train.main(argv)
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "does not match the config" in err
+  # A few lines on the command line too: what differs, then (indented) the first problem and the fix.
+  first, *rest = err.splitlines()
+  assert first.startswith("error: ") and "does not match the config" in first
+  assert 2 <= len(rest) <= 4 and all(line.startswith("  ") for line in rest), err
   assert ("it has emb_dim=4, num_heads=2, head_dim=2, mlp_dim=8, num_encoder_layers=2, "
           "num_decoder_layers=2, relative_attention_num_buckets=4 where the config has emb_dim=768"
           in err)
