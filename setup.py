@@ -64,5 +64,6 @@ setuptools.setup(
         "prompt-tuning-plan=prompt_tuning_jax.plan:main",
         "prompt-tuning-report=prompt_tuning_jax.report:main",
         "prompt-tuning-extract-variable=prompt_tuning_jax.extract_variable:main",
+        "prompt-tuning-spot=prompt_tuning_jax.spot:main",
     ]},
 )

@@ -38,7 +38,7 @@ from prompt_tuning_jax.trees import flatten, unflatten
 
 T5X = "t5x"
 HUGGINGFACE = "huggingface"
-PROMPT_PATH = "encoder/prompt/prompt/prompt"
+PROMPT_PATH = prompts.PROMPT_PATH
 # How long a remote checkpoint's host may take to accept a connection (`check_reachable`).
 REMOTE_TIMEOUT_SECONDS = 10.0
 # The host that serves each URL scheme tensorstore reads; other URLs name their host.
@@ -153,7 +153,7 @@ def load_checkpoint(path: str, dtype: Any = jnp.float32, *, config: Optional[T5C
     config = _config(path, fmt, shapes, relative_attention_max_distance).replace(dtype=dtype)
   prompt_length = shapes[PROMPT_PATH][0] if PROMPT_PATH in shapes else None
   check_params(param_shapes(config, prompt_length), shapes, checkpoint=path)
-  with _as_checkpoint_error(path):
+  with as_checkpoint_error(path):
     return config, unflatten(stack_layers(read_arrays(dtype), scan_layers))
 
 
@@ -331,7 +331,7 @@ def count_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
 def _open(path: str) -> tuple[str, dict[str, tuple[int, ...]], Callable[[Any], dict[str, np.ndarray]]]:
   """(format, flat shapes, `read_arrays(dtype)` -> flat arrays) of the checkpoint at `path`."""
   fmt = detect_format(path)
-  with _as_checkpoint_error(path):
+  with as_checkpoint_error(path):
     if fmt == HUGGINGFACE:
       return (fmt, hf_checkpoint.read_shapes(path),
               functools.partial(hf_checkpoint.read_arrays, path))
@@ -344,7 +344,7 @@ def _config(path: str, fmt: str, shapes: Mapping[str, tuple[int, ...]],
             relative_attention_max_distance: Optional[int]) -> T5Config:
   if fmt == T5X:
     return infer_config(shapes, relative_attention_max_distance or DEFAULT_MAX_DISTANCE)
-  with _as_checkpoint_error(path):
+  with as_checkpoint_error(path):
     config = hf_checkpoint.read_config(path)
   if relative_attention_max_distance is not None:
     config = config.replace(relative_attention_max_distance=relative_attention_max_distance)
@@ -362,7 +362,7 @@ def _preview(names) -> str:
 
 
 @contextlib.contextmanager
-def _as_checkpoint_error(path: str) -> Iterator[None]:
+def as_checkpoint_error(path: str) -> Iterator[None]:
   """Re-raises the readers' `OSError`s and `ValueError`s as `CheckpointError`s."""
   try:
     yield
@@ -444,7 +444,7 @@ def read_variable(path: str, name: str, dtype: Any = jnp.float32) -> np.ndarray:
     KeyError: it has no parameter `name`.
   """
   fmt = detect_format(path)
-  with _as_checkpoint_error(path):
+  with as_checkpoint_error(path):
     if fmt == HUGGINGFACE:
       return hf_checkpoint.read_arrays(path, dtype)[name]
     leaf = t5x_checkpoint.read_leaves(path)[name]

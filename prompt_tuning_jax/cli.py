@@ -2,8 +2,8 @@
 
 The library is gin-free; this module, the top of the import graph, registers its plain functions
 and classes with `gin.external_configurable` under short names (`train`, `evaluate`, `infer`,
-`evaluate_ensemble`, `t5_config`, `DatasetConfig`, `EvalConfig`, `CheckpointConfig`,
-`ExecutionConfig`, `LossConfig`, `DecodingConfig`, `t5_vocabulary`,
+`evaluate_ensemble`, `t5_config`, `causal_lm_config`, `DatasetConfig`, `EvalConfig`,
+`CheckpointConfig`, `ExecutionConfig`, `LossConfig`, `DecodingConfig`, `t5_vocabulary`,
 `prompt_initializers.from_class_labels`, `optimizers.prompt_tuning_adafactor`, ...), and `run`,
 which the tools' `main` call (`train.py`, `eval.py`, `infer.py`, `ensemble.py`), turns a T5X-style
 command line
@@ -41,10 +41,13 @@ from prompt_tuning_jax import checkpoints
 from prompt_tuning_jax import config
 from prompt_tuning_jax import ensembling
 from prompt_tuning_jax import evaluation
+from prompt_tuning_jax import hf_causal_lm
 from prompt_tuning_jax import inference
+from prompt_tuning_jax import methods
 from prompt_tuning_jax import migration
 from prompt_tuning_jax import optimizers
 from prompt_tuning_jax import prompt_initializers
+from prompt_tuning_jax import prompt_library
 from prompt_tuning_jax import tasks
 from prompt_tuning_jax import trainer
 from prompt_tuning_jax import training
@@ -70,6 +73,7 @@ ENTRY_POINTS = {
                                                    "evaluate_ensemble"),
 }
 gin.external_configurable(config.t5_config, "t5_config")
+gin.external_configurable(hf_causal_lm.causal_lm_config, "causal_lm_config")
 gin.external_configurable(config.ExecutionConfig, "ExecutionConfig")
 gin.external_configurable(training.DatasetConfig, "DatasetConfig")
 gin.external_configurable(training.EvalConfig, "EvalConfig")
@@ -79,9 +83,13 @@ gin.external_configurable(evaluation.DecodingConfig, "DecodingConfig")
 gin.external_configurable(vocabularies.t5_vocabulary, "t5_vocabulary")
 gin.external_configurable(vocabularies.byt5_vocabulary, "byt5_vocabulary")
 gin.external_configurable(optimizers.prompt_tuning_adafactor, module="optimizers")
+# Each method's factory as gin calls it (its `methods.NAME.*` bindings applied).
+METHOD_CONFIGURABLES = {name: gin.external_configurable(factory, module="methods")
+                        for name, factory in methods.METHODS.items()}
 for _name in ("random_uniform", "from_sampled_vocab", "from_class_labels", "from_string",
               "from_npy"):
   gin.external_configurable(getattr(prompt_initializers, _name), module="prompt_initializers")
+gin.external_configurable(prompt_library.from_library, module="prompt_initializers")
 
 # Gin keeps its search paths for the life of the process; each is added once.
 _ADDED_SEARCH_PATHS: set[str] = set()
@@ -473,6 +481,22 @@ def write_config(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
+
+
+def model_settings(gin_files: Sequence[str], gin_bindings: Sequence[str],
+                   user_search_paths: Sequence[str] = ()) -> dict[str, Any]:
+  """MODEL_CONFIG and PROMPT_LENGTH of a model's gin files alone (`models/*_prompt.gin`, no run
+  file), and every method as those files and bindings configure it (`{name: methods.Method}`)."""
+  parse_gin(gin_files, gin_bindings, user_search_paths)
+  settings = {}
+  for macro in ("MODEL_CONFIG", "PROMPT_LENGTH"):
+    try:
+      settings[macro] = copy.deepcopy(gin.query_parameter(f"{macro}/macro.value"))
+    except ValueError:
+      raise UsageError(f"The gin files {list(gin_files)} do not set {macro}: give a model's file, "
+                       "e.g. --gin_file=models/t5_1_1_xxl_prompt.gin.") from None
+  settings["methods"] = {name: configurable() for name, configurable in METHOD_CONFIGURABLES.items()}
+  return settings
 
 
 def train_settings(gin_files: Sequence[str], gin_bindings: Sequence[str],

@@ -66,9 +66,11 @@ class CpuMultiHeadAttention(layers.MultiHeadAttention):
   """`layers.MultiHeadAttention` for `"cpu"`; self-attention's inputs may be a `SharedPrefix`."""
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, bias, *, enable_dropout=False, decode=False):
-    if decode:
-      return super().__call__(inputs_q, inputs_kv, bias, enable_dropout=enable_dropout, decode=True)
+  def __call__(self, inputs_q, inputs_kv, bias, *, enable_dropout=False, decode=False, prefix=None,
+               prefix_bias=None):
+    if decode or prefix is not None:
+      return super().__call__(inputs_q, inputs_kv, bias, enable_dropout=enable_dropout,
+                              decode=decode, prefix=prefix, prefix_bias=prefix_bias)
     cfg = self.config
     query = self.split_heads(self.project("query", inputs_q, 1.0 / cfg.head_dim))
     if attends_through_inputs(inputs_q.shape[1], inputs_kv.shape[1], inputs_kv.shape[-1],

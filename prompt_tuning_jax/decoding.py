@@ -34,7 +34,7 @@ def _step(model: T5, params, cache, encoded, encoded_mask, tokens, max_decode_le
   return logits[:, 0], variables["cache"]
 
 
-def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """Masks `[batch, vocab]` logits outside the top-k tokens and outside the top-p nucleus."""
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -78,7 +78,7 @@ def temperature_sample(model: T5, params, encoder_input_tokens: jax.Array, rng: 
       chosen = losses.predicted_tokens(logits)
     else:
       rng, key = jax.random.split(rng)
-      chosen = jax.random.categorical(key, _filter_logits(logits / temperature, top_k, top_p))
+      chosen = jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p))
     chosen = jnp.where(done, 0, chosen).astype(jnp.int32)
     picked = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
     log_likelihood = log_likelihood + jnp.where(done, 0.0, picked)

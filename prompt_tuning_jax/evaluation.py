@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 import tqdm
 
-from prompt_tuning_jax import batching, decoding, freezing, partitioning, scoring, xla_cpu
+from prompt_tuning_jax import architectures, batching, freezing, partitioning, xla_cpu
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
@@ -77,15 +77,20 @@ def _padded_batches(dataset, batch_size: int, length_buckets: Sequence[int] = ()
 class Predictor:
   """seqio `predict_fn`/`score_fn` for `model` with frozen params and the current trainable subtree.
 
-  With `length_buckets` (input lengths, checked by the caller with `batching.check_length_buckets`)
-  examples go sorted by input length, each batch cut to a bucket: one compiled shape a bucket.
+  The model's architecture (`architectures.of`) decodes and scores the features it reads. Decoding
+  produces `decoding_config.max_decode_length` tokens, or `targets_length` (the task's), or as many
+  as `decoder_target_tokens` is wide (an encoder-decoder's targets). With `length_buckets` (input
+  lengths, checked by the caller with `batching.check_length_buckets`) examples go sorted by input
+  length, each batch cut to a bucket: one compiled shape a bucket.
   """
 
   def __init__(self, model: T5, frozen, batch_size: int,
                decoding_config: DecodingConfig = DecodingConfig(),
-               length_buckets: Sequence[int] = ()):
+               length_buckets: Sequence[int] = (), targets_length: Optional[int] = None):
     self.model, self.frozen, self.batch_size = model, frozen, batch_size
     self.decoding_config, self.length_buckets = decoding_config, tuple(length_buckets)
+    self.targets_length = targets_length
+    self.architecture = architectures.of(model.config)
     self.trainable: Any = {}
     self.progress: Optional[tqdm.tqdm] = None  # counts examples as their outputs are ready
     self._decoders: dict[int, Callable] = {}
@@ -99,33 +104,22 @@ class Predictor:
       partitioning.check_batch_divides(batch_size, self._mesh)
       jit_kwargs = {"out_shardings": partitioning.replicated(self._mesh)}
     self._jit = functools.partial(jax.jit, **jit_kwargs)
-    self._score = self._jit(lambda t, f, inputs, targets: scoring.score(
-        model, freezing.merge(t, f), inputs, targets),
-        compiler_options=xla_cpu.dot_compiler_options())
+    self._score = self._jit(lambda t, f, batch: self.architecture.score(
+        model, freezing.merge(t, f), batch), compiler_options=xla_cpu.dot_compiler_options())
 
-  def _placed(self, inputs: np.ndarray):
-    """`inputs` as the jitted functions take them: as they are, or split over `data` (processes)."""
+  def _placed(self, features: Mapping[str, np.ndarray]):
+    """The model's features of a batch as the jitted functions take them: as they are, or split
+    over `data` (processes)."""
+    inputs = {k: v for k, v in features.items() if k in self.architecture.features}
     if self._mesh is None:
       return inputs
     return partitioning.place_on_mesh(inputs, partitioning.batch_sharding(self._mesh))
 
   def _decoder(self, max_length: int) -> Callable:
     if max_length not in self._decoders:
-      cfg, model = self.decoding_config, self.model
-      if cfg.method == "greedy":
-        fn = functools.partial(decoding.greedy_decode, model, max_decode_length=max_length)
-        run = lambda params, inputs: fn(params, inputs)[0]
-      elif cfg.method == "beam_search":
-        fn = functools.partial(decoding.beam_search, model, max_decode_length=max_length,
-                               beam_size=cfg.beam_size, alpha=cfg.alpha)
-        run = lambda params, inputs: fn(params, inputs)[0][:, 0]
-      else:
-        fn = functools.partial(decoding.temperature_sample, model, max_decode_length=max_length,
-                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        key = jax.random.PRNGKey(cfg.seed)
-        run = lambda params, inputs: fn(params, inputs, key)[0]
+      run = self.architecture.decoder(self.model, self.decoding_config, max_length)
       self._decoders[max_length] = self._jit(
-          lambda t, f, inputs: run(freezing.merge(t, f), inputs),
+          lambda t, f, batch: run(freezing.merge(t, f), batch),
           compiler_options=xla_cpu.dot_compiler_options(onednn=False))
     return self._decoders[max_length]
 
@@ -143,10 +137,10 @@ class Predictor:
     one length: seqio stacks them into one array (and its decode stops at EOS)."""
     pending = []  # read back after the loop: the host reads each next batch while the device decodes
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
-      max_length = (self.decoding_config.max_decode_length
+      max_length = (self.decoding_config.max_decode_length or self.targets_length
                     or features["decoder_target_tokens"].shape[1])
       pending.append((indices, real, self._decoder(max_length)(
-          self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]))))
+          self.trainable, self.frozen, self._placed(features))))
       self._count_done(pending, last=False)
     self._count_done(pending, last=True)
     return [(int(i), [int(t) for t in row]) for indices, real, tokens in pending
@@ -156,9 +150,8 @@ class Predictor:
     """seqio's score_fn: (index, log-likelihood of the targets) per example."""
     pending = []  # read back after the loop, as in `predict_fn`
     for indices, features, real in _padded_batches(dataset, self.batch_size, self.length_buckets):
-      pending.append((indices, real, self._score(
-          self.trainable, self.frozen, self._placed(features["encoder_input_tokens"]),
-          self._placed(features["decoder_target_tokens"]))))
+      pending.append((indices, real, self._score(self.trainable, self.frozen,
+                                                 self._placed(features))))
       self._count_done(pending, last=False)
     self._count_done(pending, last=True)
     return [(int(i), float(s)) for indices, real, scores in pending
@@ -188,9 +181,10 @@ def eval_loss(dataset, eval_step: Callable, trainable, frozen, batch_size: int,
 
 def make_evaluator(mixture_or_task_name: str, feature_lengths: Mapping[str, int],
                    split: str = "validation", log_dir: Optional[str] = None,
-                   num_examples: Optional[int] = None, write_predictions: bool = True
-                   ) -> seqio.Evaluator:
-  """A seqio Evaluator over `split` (unpacked, T5X's encoder-decoder features)."""
+                   num_examples: Optional[int] = None, write_predictions: bool = True,
+                   feature_converter: Optional[seqio.FeatureConverter] = None) -> seqio.Evaluator:
+  """A seqio Evaluator over `split`, its features from `feature_converter` (the model
+  architecture's; default: unpacked encoder-decoder features)."""
   loggers = []
   if log_dir is not None:
     loggers.append(seqio.TensorBoardLogger)
@@ -198,7 +192,7 @@ def make_evaluator(mixture_or_task_name: str, feature_lengths: Mapping[str, int]
       loggers.append(seqio.JSONLogger)
   return seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
-      feature_converter=seqio.EncDecFeatureConverter(pack=False),
+      feature_converter=feature_converter or seqio.EncDecFeatureConverter(pack=False),
       eval_split=split, sequence_length=dict(feature_lengths), num_examples=num_examples,
       logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False)
 

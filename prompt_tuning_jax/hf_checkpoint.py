@@ -42,7 +42,7 @@ _ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_new": "gelu", "gelu_pytorc
 _ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 
 
-class _Tensor(NamedTuple):
+class Tensor(NamedTuple):
   """A stored tensor: its shape and how to read it as a numpy array."""
   shape: tuple[int, ...]
   read: Callable[[], np.ndarray]
@@ -56,7 +56,7 @@ def is_checkpoint(path: str) -> bool:
 
 def read_config(path: str) -> T5Config:
   """The T5Config of the checkpoint in `path` (config.json, plus whether `lm_head` is stored)."""
-  hf = _read_json(os.path.join(path, CONFIG_FILE))
+  hf = read_json(os.path.join(path, CONFIG_FILE))
   if hf.get("model_type", "t5") not in ("t5", "mt5"):
     raise ValueError(f"{path}/{CONFIG_FILE} is a {hf['model_type']!r} model, not T5.")
   missing = [key for key in _REQUIRED_KEYS if type(hf.get(key)) is not int or hf[key] <= 0]
@@ -72,7 +72,7 @@ def read_config(path: str) -> T5Config:
   if activation is None or len(parts) != 1 + gated:
     raise ValueError(f"feed_forward_proj={ffn!r} in {path}/{CONFIG_FILE} is not supported; use relu, "
                      "gated-gelu, gated-silu, silu or gelu_new.")
-  logits_via_embedding = _scales_decoder_output(hf) and "lm_head.weight" not in _tensors(path)
+  logits_via_embedding = _scales_decoder_output(hf) and "lm_head.weight" not in read_tensors(path)
   return T5Config(
       vocab_size=hf["vocab_size"],
       emb_dim=hf["d_model"],
@@ -99,12 +99,12 @@ def read_arrays(path: str, dtype: Any) -> dict[str, np.ndarray]:
   return {name: read().astype(dtype, copy=False) for name, (_, read) in _our_tensors(path).items()}
 
 
-def _our_tensors(path: str) -> dict[str, _Tensor]:
+def _our_tensors(path: str) -> dict[str, Tensor]:
   """The checkpoint's tensors under T5X names, transposed (and the logits head scaled) lazily."""
-  hf = _read_json(os.path.join(path, CONFIG_FILE))
+  hf = read_json(os.path.join(path, CONFIG_FILE))
   config = read_config(path)
-  tensors = _tensors(path)
-  names = _name_map(config)
+  tensors = read_tensors(path)
+  names = name_map(config)
   if not config.logits_via_embedding:
     head = "lm_head.weight" if "lm_head.weight" in tensors else "shared.weight"
     names["decoder/logits_dense/kernel"] = head
@@ -120,12 +120,12 @@ def _our_tensors(path: str) -> dict[str, _Tensor]:
     if len(shape) == 2 and name != "token_embedder/embedding":
       scale = (hf["d_model"] ** -0.5 if name == "decoder/logits_dense/kernel"
                and _scales_decoder_output(hf) else None)
-      shape, read = shape[::-1], _transposed(read, scale)
-    ours[name] = _Tensor(tuple(shape), read)
+      shape, read = shape[::-1], transposed(read, scale)
+    ours[name] = Tensor(tuple(shape), read)
   return ours
 
 
-def _name_map(config: T5Config) -> dict[str, str]:
+def name_map(config: T5Config) -> dict[str, str]:
   """`{T5X name: HF name}` of every parameter but the untied logits head."""
   mlp = ["wi"] if len(config.mlp_activations) == 1 else ["wi_0", "wi_1"]
   names = {"token_embedder/embedding": "shared.weight",
@@ -156,7 +156,7 @@ def _scales_decoder_output(hf: dict[str, Any]) -> bool:
   return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
 
 
-def _transposed(read: Callable[[], np.ndarray],
+def transposed(read: Callable[[], np.ndarray],
                 scale: Optional[float]) -> Callable[[], np.ndarray]:
   """`read` of the transposed array, multiplied by `scale` unless it is None."""
   def read_transposed():
@@ -166,12 +166,12 @@ def _transposed(read: Callable[[], np.ndarray],
   return read_transposed
 
 
-def _tensors(path: str) -> dict[str, _Tensor]:
+def read_tensors(path: str) -> dict[str, Tensor]:
   """`{HF name: tensor}` from the weight file(s) in `path`."""
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index_file = os.path.join(path, index_name)
     if os.path.isfile(index_file):
-      weight_map = _read_json(index_file).get("weight_map")
+      weight_map = read_json(index_file).get("weight_map")
       if not isinstance(weight_map, dict):
         raise ValueError(f"{index_file} has no `weight_map` of tensor names to shard files.")
       shards = sorted(set(map(str, weight_map.values())))
@@ -185,12 +185,12 @@ def _tensors(path: str) -> dict[str, _Tensor]:
   raise FileNotFoundError(f"No weights in {path}: expected one of {', '.join(WEIGHT_FILES)}.")
 
 
-def _file_tensors(filename: str) -> dict[str, _Tensor]:
+def _file_tensors(filename: str) -> dict[str, Tensor]:
   return (_safetensors_tensors(filename) if filename.endswith(".safetensors")
           else _torch_tensors(filename))
 
 
-def _safetensors_tensors(filename: str) -> dict[str, _Tensor]:
+def _safetensors_tensors(filename: str) -> dict[str, Tensor]:
   """Parses the safetensors header (8-byte little-endian length, then JSON); reads data lazily.
 
   The header's length is bounded by the file's size (and safetensors' 100 MB) before it is read, and
@@ -222,7 +222,7 @@ def _safetensors_tensors(filename: str) -> dict[str, _Tensor]:
       with open(filename, "rb") as f:
         f.seek(data_start + begin)
         return np.frombuffer(f.read(end - begin), dtype).reshape(shape)
-    return _Tensor(shape, read)
+    return Tensor(shape, read)
 
   return {name: reader(name, entry) for name, entry in header.items() if name != "__metadata__"}
 
@@ -258,7 +258,7 @@ def _int_list(value: Any) -> bool:
   return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
 
 
-def _torch_tensors(filename: str) -> dict[str, _Tensor]:
+def _torch_tensors(filename: str) -> dict[str, Tensor]:
   """Tensors of a `pytorch_model.bin`, memory-mapped; aliases of `shared.weight` are dropped."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -272,11 +272,11 @@ def _torch_tensors(filename: str) -> dict[str, _Tensor]:
     # numpy has no bfloat16 view of a torch tensor: widen it.
     return lambda: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
-  return {name: _Tensor(tuple(t.shape), reader(t)) for name, t in state.items()
+  return {name: Tensor(tuple(t.shape), reader(t)) for name, t in state.items()
           if shared is None or name == "shared.weight" or t.data_ptr() != shared.data_ptr()}
 
 
-def _read_json(filename: str) -> dict[str, Any]:
+def read_json(filename: str) -> dict[str, Any]:
   """The JSON object in `filename`; anything else is a `ValueError` naming the file."""
   try:
     with open(filename, encoding="utf-8") as f:

@@ -11,6 +11,11 @@ names; dtype as a string), `num_params` and `params` (`{path: shape}`). `--gin` 
 on stderr the models/*.gin files that already do and the values the checkpoint does not store (T5X's
 relative-position max distance) with the one assumed. A bad path prints a one-line error and exits
 with status 2.
+
+A Hugging Face decoder-only checkpoint (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text; see
+`hf_causal_lm`) is described too: `--json` then also has `family` (config.json's `model_type`),
+`num_layers`, `num_heads` and `num_kv_heads` at the top, and `config` holds the fields of
+`causal_lm.CausalLMConfig`.
 """
 import argparse
 import dataclasses
@@ -20,16 +25,32 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
-from prompt_tuning_jax import checkpoints
+from prompt_tuning_jax import checkpoints, hf_causal_lm
 from prompt_tuning_jax import config as config_lib
 from prompt_tuning_jax.config import T5Config
 
 
 def describe(path: str, relative_attention_max_distance: Optional[int] = None) -> dict[str, Any]:
   """`{'format', 'config', 'num_params', 'params'}` of the checkpoint at `path` (JSON-ready)."""
+  if hf_causal_lm.is_checkpoint(path):
+    return describe_causal_lm(path)
   fmt, shapes = checkpoints.read_shapes(path)
   config = checkpoints.read_config(path, relative_attention_max_distance)
   return {"format": fmt, "config": config_to_json(config),
+          "num_params": checkpoints.count_params(shapes),
+          "params": {name: list(shape) for name, shape in sorted(shapes.items())}}
+
+
+def describe_causal_lm(path: str) -> dict[str, Any]:
+  """`describe` of a Hugging Face decoder-only checkpoint: also its `family`, `num_layers`,
+  `num_heads` and `num_kv_heads`."""
+  config = hf_causal_lm.read_config(path)
+  shapes = hf_causal_lm.read_shapes(path)
+  fields = dataclasses.asdict(config)
+  fields.update(sliding_layers=list(config.sliding_layers), dtype=jnp.dtype(config.dtype).name)
+  return {"format": checkpoints.HUGGINGFACE, "family": config.family,
+          "num_layers": config.num_layers, "num_heads": config.num_heads,
+          "num_kv_heads": config.num_kv_heads, "config": fields,
           "num_params": checkpoints.count_params(shapes),
           "params": {name: list(shape) for name, shape in sorted(shapes.items())}}
 
@@ -45,6 +66,13 @@ def config_to_json(config: T5Config) -> dict[str, Any]:
 def format_text(path: str, info: dict[str, Any]) -> str:
   """The human-readable report of `describe`'s `info`."""
   cfg = info["config"]
+  if "family" in info:  # a decoder-only checkpoint: its config's fields as they are
+    lines = [f"Checkpoint: {path}", f"Format: {info['format']}", "Config (config.json):"]
+    lines += [f"  {name}: {value}" for name, value in cfg.items()]
+    lines += [f"Parameters: {info['num_params']:,}", "Parameter tree:"]
+    width = max(map(len, info["params"]), default=0)
+    lines += [f"  {name:<{width}}  {tuple(shape)}" for name, shape in info["params"].items()]
+    return "\n".join(lines)
   gated = len(cfg["mlp_activations"]) > 1
   max_distance_note = ("  (not stored in T5X checkpoints; set it with --max-distance)"
                        if info["format"] == checkpoints.T5X else "")
@@ -122,6 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   if args.json:
     print(json.dumps(info))
+  elif args.gin and "family" in info:
+    print(f"error: --gin describes T5 checkpoints; {args.path} is a decoder-only "
+          f"{info['family']} checkpoint (use --json).", file=sys.stderr)
+    return 2
   elif args.gin:
     flags, notes = gin_settings(info)
     print("\n".join(flags))

@@ -7,7 +7,7 @@ them wherever `partitioning.shard_activations` is in effect and is a no-op elsew
 T5X's: the residual stream's and the MLP's masks are shared along the length axis, the attention
 weights' along the queries (`attention.dropout_scale`).
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_tuning_jax import attention
+from prompt_tuning_jax.adapters import Adapters, Lora
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
 
 # Added to attention logits where attention is not allowed (T5X's value).
@@ -42,20 +43,52 @@ def dropout(config: T5Config) -> nn.Dropout:
 
 
 class Dense(nn.Module):
-  """`[..., in] -> [..., features]` with a float32 kernel `[in, features]` named by `kernel_axes`."""
+  """`[..., in] -> [..., features]` with a float32 kernel `[in, features]` named by `kernel_axes`.
+
+  `lora` (an `adapters.Lora`) adds `lora_a` `[in, rank]` and `lora_b` `[rank, features]`, whose
+  product, scaled, is added to the kernel's; `ia3` (`"inputs"` or `"outputs"`) adds `ia3_scale`,
+  which rescales the inputs `[in]` or the outputs `[features]` (`adapters.py`).
+  """
   features: int
   kernel_axes: tuple[str, str]
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = fan_in_normal()
+  lora: Optional[Lora] = None
+  ia3: Optional[str] = None
 
   @nn.compact
+  def weights(self, in_features: int) -> dict[str, jax.Array]:
+    """The kernel `[in_features, features]` and the adapters' weights, in `dtype`."""
+    param = lambda name, init, shape, axes: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.float32).astype(self.dtype)
+    weights = {"kernel": param("kernel", self.kernel_init, (in_features, self.features),
+                               self.kernel_axes)}
+    if self.lora is not None:
+      weights["lora_a"] = param("lora_a", fan_in_normal(), (in_features, self.lora.rank),
+                                (self.kernel_axes[0], "lora_rank"))
+      weights["lora_b"] = param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features),
+                                ("lora_rank", self.kernel_axes[1]))
+    if self.ia3 is not None:
+      side = 0 if self.ia3 == "inputs" else 1
+      weights["ia3_scale"] = param("ia3_scale", nn.initializers.ones,
+                                   ((in_features, self.features)[side],), (self.kernel_axes[side],))
+    return weights
+
   def kernel(self, in_features: int) -> jax.Array:
     """The kernel `[in_features, features]` in `dtype`, for callers that fold it into another product."""
-    return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                      (in_features, self.features), jnp.float32).astype(self.dtype)
+    return self.weights(in_features)["kernel"]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x.astype(self.dtype), self.kernel(x.shape[-1]))
+    x = x.astype(self.dtype)
+    weights = self.weights(x.shape[-1])
+    if self.ia3 == "inputs":
+      x = x * weights["ia3_scale"]
+    y = jnp.dot(x, weights["kernel"])
+    if self.lora is not None:
+      y = y + jnp.dot(jnp.dot(x, weights["lora_a"]), weights["lora_b"]) * self.lora.scale
+    if self.ia3 == "outputs":
+      y = y * weights["ia3_scale"]
+    return y
 
 
 class Embed(nn.Module):
@@ -123,9 +156,11 @@ class RelativePositionBiases(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query_length: int, key_length: int, bidirectional: bool) -> jax.Array:
-    """Returns `[1, heads, query_length, key_length]`."""
-    relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+  def __call__(self, query_length: int, key_length: int, bidirectional: bool,
+               key_offset: int = 0) -> jax.Array:
+    """Returns `[1, heads, query_length, key_length]`, for queries at positions 0.. and keys at
+    `key_offset`.. (a prefix right before the sequence: `key_offset=-key_length`)."""
+    relative = (np.arange(key_length)[None, :] + key_offset) - np.arange(query_length)[:, None]
     bucket = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
     table = self.param(
         "rel_embedding",
@@ -154,14 +189,20 @@ class MultiHeadAttention(nn.Module):
   key and value, and attends to the positions written so far (the causal mask is derived from the
   cache index). Cross-attention (`cross=True`) with `decode=True` projects the encoding's keys and
   values once, in the call that creates the cache, and each later call attends to them.
+
+  `adapters` adds LoRA and IA3 to the projections; a `prefix` (keys and values `[P, heads, kv]`,
+  `adapters.Prefix`) goes in front of the keys and values, with `prefix_bias` `[1, heads|1, q, P]`
+  (zeros when None) as its logit bias.
   """
   config: T5Config
   execution: ExecutionConfig = ExecutionConfig()
   cross: bool = False
+  adapters: Adapters = Adapters()
 
   def projection(self, name: str, init: Callable = fan_in_normal()) -> Dense:
     cfg = self.config
-    return Dense(cfg.num_heads * cfg.head_dim, ("embed", "joined_kv"), cfg.dtype, init, name=name)
+    return Dense(cfg.num_heads * cfg.head_dim, ("embed", "joined_kv"), cfg.dtype, init,
+                 **self.adapters.projection(name), name=name)
 
   def split_heads(self, x: jax.Array) -> jax.Array:
     """`[batch, length, heads * kv]` -> `[batch, length, heads, kv]`."""
@@ -182,7 +223,9 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
-               enable_dropout: bool = False, decode: bool = False) -> jax.Array:
+               enable_dropout: bool = False, decode: bool = False,
+               prefix: Optional[tuple[jax.Array, jax.Array]] = None,
+               prefix_bias: Optional[jax.Array] = None) -> jax.Array:
     """`[batch, q, embed]`, `[batch, k, embed]`, bias `[batch|1, heads|1, q, k]` -> `[batch, q, embed]`."""
     cfg = self.config
     query = self.split_heads(self.projection("query", fan_in_normal(1.0 / cfg.head_dim))(inputs_q))
@@ -196,7 +239,9 @@ class MultiHeadAttention(nn.Module):
       for name, array in zip(CROSS_CACHE, (key, value)):
         self.put_variable("cache", name, array)
     elif decode and not self.cross:
-      key, value, bias = self._extend_cache(key, value, bias)
+      key, value, bias, prefix_bias = self._extend_cache(key, value, bias, prefix_bias)
+    if prefix is not None:
+      key, value, bias = with_prefix(prefix, prefix_bias, key, value, bias)
     scale = self.dropout_scale((query.shape[0], cfg.num_heads, query.shape[1], key.shape[1]),
                                enable_dropout)
     context = attention.dot_product_attention(
@@ -208,18 +253,20 @@ class MultiHeadAttention(nn.Module):
     """`[batch, q, heads, kv]` -> `[batch, q, embed]` through the `out` projection."""
     cfg = self.config
     joined = context.reshape(context.shape[:2] + (cfg.num_heads * cfg.head_dim,))
-    return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, name="out")(joined)
+    return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg.dtype, **self.adapters.projection("out"),
+                 name="out")(joined)
 
-  def _extend_cache(self, key, value, bias):
+  def _extend_cache(self, key, value, bias, prefix_bias):
     """Self-attention while decoding: the first call creates the zero cache `[batch, max_length,
     heads, kv]` and passes through; each later call writes its one position and returns the cached
-    keys and values with this step's row of `bias`, positions not yet written masked."""
+    keys and values with this step's row of `bias` (and of `prefix_bias`, if any), positions not
+    yet written masked."""
     initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
-      return key, value, bias
+      return key, value, bias, prefix_bias
     index = cache_index.value
     key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
     value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
@@ -227,12 +274,32 @@ class MultiHeadAttention(nn.Module):
     cache_index.value = index + 1
     bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
     bias = bias + jnp.where(jnp.arange(key.shape[1]) <= index, 0.0, MASK_BIAS)[None, None, None, :]
-    return key, value, bias
+    if prefix_bias is not None:
+      prefix_bias = jax.lax.dynamic_slice_in_dim(prefix_bias, index, 1, axis=2)
+    return key, value, bias, prefix_bias
+
+
+def with_prefix(prefix: tuple[jax.Array, jax.Array], prefix_bias: Optional[jax.Array],
+                key: jax.Array, value: jax.Array, bias: jax.Array):
+  """Keys and values `[batch, k, heads, kv]` with the prefix's `[P, heads, kv]` in front, and `bias`
+  `[batch|1, heads|1, q, k]` with `prefix_bias` `[1, heads|1, q, P]` (zeros when None) in front."""
+  prefix_key, prefix_value = (jnp.broadcast_to(p.astype(key.dtype), (key.shape[0],) + p.shape)
+                              for p in prefix)
+  length = prefix_key.shape[1]
+  if prefix_bias is None:
+    prefix_bias = jnp.zeros(bias.shape[:3] + (length,), bias.dtype)
+  prefix_bias = jnp.broadcast_to(prefix_bias, jnp.broadcast_shapes(
+      bias.shape[:3], prefix_bias.shape[:3]) + (length,))
+  bias = jnp.broadcast_to(bias, prefix_bias.shape[:3] + bias.shape[3:])
+  return (jnp.concatenate([prefix_key, key], axis=1), jnp.concatenate([prefix_value, value], axis=1),
+          jnp.concatenate([prefix_bias.astype(bias.dtype), bias], axis=-1))
 
 
 class MlpBlock(nn.Module):
-  """Feed-forward block: `wi` (plain) or `wi_0`, `wi_1` (gated), then `wo`."""
+  """Feed-forward block: `wi` (plain) or `wi_0`, `wi_1` (gated), then `wo`; `adapters` adds LoRA
+  and IA3 to them."""
   config: T5Config
+  adapters: Adapters = Adapters()
 
   @nn.compact
   def __call__(self, x: jax.Array, enable_dropout: bool = False) -> jax.Array:
@@ -241,8 +308,10 @@ class MlpBlock(nn.Module):
     hidden = None
     for i, act in enumerate(acts):
       name = "wi" if len(acts) == 1 else f"wi_{i}"
-      h = ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), cfg.dtype, name=name)(x))
+      h = ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), cfg.dtype,
+                                 **self.adapters.projection(name), name=name)(x))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(dropout(cfg)(hidden, deterministic=not enable_dropout),
                        ("batch", "length", "mlp"))
-    return Dense(cfg.emb_dim, ("mlp", "embed"), cfg.dtype, name="wo")(hidden)
+    return Dense(cfg.emb_dim, ("mlp", "embed"), cfg.dtype, **self.adapters.projection("wo"),
+                 name="wo")(hidden)

@@ -11,30 +11,24 @@ import sys
 from typing import Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import tensorflow as tf
 import tqdm
-
-from prompt_tuning_jax.config import T5Config
 
 logger = logging.getLogger("prompt_tuning_jax")
 
 
-def log_run_start(task: str, model_config: T5Config, prompt_length: int, train_steps: int,
+def log_run_start(task: str, model: str, what: str, train_steps: int,
                   batch_size: int, mesh: jax.sharding.Mesh, attention: str, model_dir: str) -> None:
-  """Logs the run's opening line (process 0): the task, the model's dimensions, the steps, the
+  """Logs the run's opening line (process 0): what trains (`methods.Method.description`), the
+  task, the model in a few words (`architectures.*.describe`: its dimensions), the steps, the
   global batch, the mesh and its devices, the attention implementation and MODEL_DIR."""
   if jax.process_index() != 0:
     return
-  c = model_config
-  data, model = mesh.devices.shape
+  data, model_axis = mesh.devices.shape
   logger.info(
-      "Training a %d-token prompt on %s: T5 of emb %d, %d+%d layers, %d heads of %d, MLP %d, "
-      "vocab %d (%s); %s steps of global batch %d; mesh %dx%d (data x model) of %d %s device(s); "
-      "attention %r; MODEL_DIR %s", prompt_length, task, c.emb_dim, c.num_encoder_layers,
-      c.num_decoder_layers, c.num_heads, c.head_dim, c.mlp_dim, c.vocab_size,
-      jnp.dtype(c.dtype).name, f"{train_steps:,}", batch_size, data, model, mesh.devices.size,
-      mesh.devices.flat[0].platform, attention, model_dir)
+      "Training %s on %s: %s; %s steps of global batch %d; mesh %dx%d (data x model) of %d %s "
+      "device(s); attention %r; MODEL_DIR %s", what, task, model, f"{train_steps:,}", batch_size,
+      data, model_axis, mesh.devices.size, mesh.devices.flat[0].platform, attention, model_dir)
 
 
 class MetricsLogger:

@@ -31,6 +31,8 @@ LOGICAL_AXIS_RULES = (
     ("prompt", None),
     ("prompt_embed", None),
     ("layers", None),  # the stacked axis of `ExecutionConfig.scan_layers` parameters
+    ("prefix", None),  # the positions of `adapters.Prefix`'s keys and values
+    ("lora_rank", None),
 )
 
 

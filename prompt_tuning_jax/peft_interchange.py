@@ -19,6 +19,12 @@ How PEFT's placement maps onto ours (peft 0.21, `PeftModelForSeq2SeqLM` with `PR
     `num_transformer_submodules=1` that is our encoder's output too.
   - Our `prefix_after_bos` and `suffix` combinations and prompt banks have no PEFT counterpart: export
     only prompts trained with `combine="prefix"`.
+
+Decoder-only models (`causal_lm.CausalLM`; PEFT's `PeftModelForCausalLM`, `CAUSAL_LM`):
+`export_causal_lm_adapter` and `import_causal_lm_adapter`. PEFT prepends its one table
+`[num_virtual_tokens, token_dim]` to the embedded input (`[P; embed(input_ids)]`, ones in front of
+the attention mask, positions counted from the prompt's first): our `PromptConfig(combine="prefix")`.
+A prompt trained `prefix_after_bos` (our default for these models) is another model's prompt.
 """
 import json
 import os
@@ -39,6 +45,7 @@ WEIGHTS_KEY = "prompt_embeddings"
 PEFT_TYPE = "PROMPT_TUNING"
 # PEFT task types whose prompt-tuning placement on T5 is ours (see the module docstring).
 TASK_TYPES = ("SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+CAUSAL_LM = "CAUSAL_LM"  # decoder-only models (`export_causal_lm_adapter`)
 
 
 class AdapterError(ValueError):
@@ -57,13 +64,27 @@ def export_peft_adapter(prompt: np.ndarray, output_dir: str, base_model_name_or_
     task_type: `SEQ_2_SEQ_LM` (T5ForConditionalGeneration) or `FEATURE_EXTRACTION` (T5EncoderModel).
     overwrite: replace existing adapter files instead of raising `FileExistsError`.
   """
+  _write_adapter(prompt, output_dir, base_model_name_or_path, task_type, TASK_TYPES, overwrite)
+
+
+def export_causal_lm_adapter(prompt: np.ndarray, output_dir: str, base_model_name_or_path: str, *,
+                             overwrite: bool = False) -> None:
+  """Writes a decoder-only model's `prompt` `[P, E]`, trained with `combine="prefix"`, as a PEFT
+  `CAUSAL_LM` prompt-tuning adapter for `base_model_name_or_path` (`export_peft_adapter`'s
+  arguments and files)."""
+  _write_adapter(prompt, output_dir, base_model_name_or_path, CAUSAL_LM, (CAUSAL_LM,), overwrite)
+
+
+def _write_adapter(prompt: np.ndarray, output_dir: str, base_model_name_or_path: str,
+                   task_type: str, task_types: tuple[str, ...], overwrite: bool) -> None:
+  """`export_peft_adapter` for a `task_type` among `task_types`."""
   prompt = np.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.floating):
     raise ValueError(f"A prompt is a float [prompt_length, embed_dim] array, got a {prompt.dtype} array "
                      f"of shape {prompt.shape}.")
-  if task_type not in TASK_TYPES:
+  if task_type not in task_types:
     raise ValueError(f"task_type {task_type!r} does not place the prompt where ours goes; use one of "
-                     f"{TASK_TYPES}.")
+                     f"{task_types}.")
   paths = [os.path.join(output_dir, name) for name in (WEIGHTS_FILE, CONFIG_FILE)]
   existing = [path for path in paths if os.path.exists(path)]
   if existing and not overwrite:
@@ -91,9 +112,9 @@ def export_peft_adapter(prompt: np.ndarray, output_dir: str, base_model_name_or_
   os.makedirs(output_dir, exist_ok=True)
   weights = np.ascontiguousarray(prompt, np.float32)
   # The weights first: a config never points at missing or partly written weights.
-  _write_atomically(paths[0], lambda f: f.write(safetensors.numpy.save(
+  write_atomically(paths[0], lambda f: f.write(safetensors.numpy.save(
       {WEIGHTS_KEY: weights}, metadata={"format": "pt"})))
-  _write_atomically(paths[1], lambda f: f.write(json.dumps(config, indent=2).encode() + b"\n"))
+  write_atomically(paths[1], lambda f: f.write(json.dumps(config, indent=2).encode() + b"\n"))
 
 
 def import_peft_adapter(adapter_dir: str) -> np.ndarray:
@@ -104,6 +125,18 @@ def import_peft_adapter(adapter_dir: str) -> np.ndarray:
     AdapterError: not a `PROMPT_TUNING` adapter of a supported task type, or its table does not match
       its config.
   """
+  return _read_adapter(adapter_dir, TASK_TYPES)
+
+
+def import_causal_lm_adapter(adapter_dir: str) -> np.ndarray:
+  """The prompt `[P, E]` (float32) that a PEFT `CAUSAL_LM` prompt-tuning adapter prepends to a
+  decoder-only model's input: our `PromptConfig(combine="prefix")`'s (errors as
+  `import_peft_adapter`'s)."""
+  return _read_adapter(adapter_dir, (CAUSAL_LM,))
+
+
+def _read_adapter(adapter_dir: str, task_types: tuple[str, ...]) -> np.ndarray:
+  """`import_peft_adapter` of an adapter whose task type is one of `task_types`."""
   config_path = os.path.join(adapter_dir, CONFIG_FILE)
   weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
   if not os.path.isfile(config_path):
@@ -112,14 +145,14 @@ def import_peft_adapter(adapter_dir: str) -> np.ndarray:
     legacy = " (it has adapter_model.bin: re-save it with safe_serialization=True)" if os.path.isfile(
         os.path.join(adapter_dir, "adapter_model.bin")) else ""
     raise FileNotFoundError(f"No PEFT adapter weights at {weights_path!r}{legacy}.")
-  config = _read_config(config_path)
+  config = read_adapter_config(config_path)
   if config.get("peft_type") != PEFT_TYPE:
     raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not {PEFT_TYPE!r}; "
                        "only prompt-tuning adapters hold a prompt.")
   task_type = config.get("task_type")
-  if task_type not in TASK_TYPES:
-    raise AdapterError(f"{config_path}: task_type {task_type!r} does not put the prompt in front of T5's "
-                       f"encoder input; supported: {TASK_TYPES}.")
+  if task_type not in task_types:
+    raise AdapterError(f"{config_path}: task_type {task_type!r} does not put the prompt where this "
+                       f"model's goes; supported: {task_types}.")
   length, embed_dim = config.get("num_virtual_tokens"), config.get("token_dim")
   if not all(isinstance(n, int) and n > 0 for n in (length, embed_dim)):
     raise AdapterError(f"{config_path}: num_virtual_tokens ({length!r}) and token_dim ({embed_dim!r}) "
@@ -129,10 +162,10 @@ def import_peft_adapter(adapter_dir: str) -> np.ndarray:
   if submodules not in (1, 2):
     raise AdapterError(f"{config_path}: num_transformer_submodules is {submodules!r}; T5 has 1 "
                        "(encoder) or 2 (encoder and decoder).")
-  if task_type == "FEATURE_EXTRACTION" and submodules != 1:
-    raise AdapterError(f"{config_path}: a FEATURE_EXTRACTION adapter with num_transformer_submodules="
+  if task_type != "SEQ_2_SEQ_LM" and submodules != 1:
+    raise AdapterError(f"{config_path}: a {task_type} adapter with num_transformer_submodules="
                        f"{submodules} prepends all {submodules} tables; only 1 is supported.")
-  tensors = _read_weights(weights_path)
+  tensors = read_adapter_weights(weights_path)
   if set(tensors) != {WEIGHTS_KEY}:
     raise AdapterError(f"{weights_path} holds {sorted(tensors)}; a prompt-tuning adapter holds only "
                        f"{WEIGHTS_KEY!r}.")
@@ -165,7 +198,7 @@ def load_released_prompt(path: str, config: T5Config) -> np.ndarray:
   return prompt
 
 
-def _write_atomically(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+def write_atomically(path: str, write: Callable[[IO[bytes]], Any]) -> None:
   """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
   fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                                    prefix=f".{os.path.basename(path)}.")
@@ -179,7 +212,8 @@ def _write_atomically(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     raise
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def read_adapter_config(path: str) -> dict[str, Any]:
+  """A PEFT adapter's `adapter_config.json` as a dict; AdapterError if it is not a JSON object."""
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
@@ -190,7 +224,7 @@ def _read_config(path: str) -> dict[str, Any]:
   return config
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
+def read_adapter_weights(path: str) -> dict[str, np.ndarray]:
   """The tensors of a safetensors file as numpy arrays (bfloat16 through ml_dtypes)."""
   try:
     return {name: np.asarray(array) for name, array in safetensors.flax.load_file(path).items()}

@@ -3,6 +3,10 @@
 Lowers and compiles the real sharded train step on abstract shapes (no weights are allocated) over as
 many simulated devices as the mesh has, then reports XLA's per-device memory (parameters and optimizer
 state, activations and temporaries) and FLOPs per step, and whether that fits the device.
+
+`python -m prompt_tuning_jax.plan --param_counts [--json] --gin_file=MODEL.gin` prints instead each
+method's trainable parameter count on that model (`methods.param_counts`; the paper's Figure 4
+x-axis), as `{"param_counts": {name: n}}` with `--json`.
 """
 import argparse
 import dataclasses
@@ -161,20 +165,47 @@ def _parse_mesh(text: str) -> tuple[int, int]:
   return data, model
 
 
+def _print_param_counts(args: argparse.Namespace, own_command_line: bool) -> int:
+  """`--param_counts`: each method's trainable parameter count on the gin files' model."""
+  if own_command_line:
+    console.quiet()
+  from prompt_tuning_jax import cli, methods  # pylint: disable=g-import-not-at-top
+  try:
+    settings = cli.model_settings(args.gin_file, args.gin_bindings,
+                                  args.gin_search_paths.split(",") if args.gin_search_paths else [])
+    counts = methods.param_counts(settings["MODEL_CONFIG"], settings["PROMPT_LENGTH"],
+                                  settings["methods"])
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps({"param_counts": counts}))
+  else:
+    width = max(map(len, counts))
+    print("\n".join(f"{name:<{width}}  {count:>16,}" for name, count in counts.items()))
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin files, as for train")
   parser.add_argument("--gin", action="append", default=[], dest="gin_bindings",
                       help="gin bindings NAME=VALUE (also accepted as --gin.NAME=VALUE)")
   parser.add_argument("--gin_search_paths", default="")
-  parser.add_argument("--mesh", type=_parse_mesh, required=True, help="DATAxMODEL, e.g. 2x16")
-  parser.add_argument("--device", choices=sorted(DEVICES), required=True)
+  parser.add_argument("--mesh", type=_parse_mesh, help="DATAxMODEL, e.g. 2x16")
+  parser.add_argument("--device", choices=sorted(DEVICES))
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--param_counts", action="store_true",
+                      help="print each method's trainable parameter count on the model instead")
   own_command_line = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--gin.NAME=VALUE` as the train command line writes it.
   argv = [f"--gin={a[len('--gin.'):]}" if a.startswith("--gin.") else a for a in argv]
   args = parser.parse_args(argv)
+  if args.param_counts:
+    return _print_param_counts(args, own_command_line)
+  if args.mesh is None or args.device is None:
+    parser.error("--mesh and --device are needed (or --param_counts).")
   devices = args.mesh[0] * args.mesh[1]
   flags = xla_flags(devices)
   if flags not in os.environ.get("XLA_FLAGS", ""):

@@ -167,7 +167,10 @@ def describe_run(model_dir: str, run_config: dict[str, Any]) -> str:
             "/".join(names[-2:]) if names[-1].startswith("checkpoint_") else names[-1])
     parts.append(f"{name} (embed {model['emb_dim']}, {model['num_encoder_layers']}+"
                  f"{model['num_decoder_layers']} layers)")
-    if "prompt_length" in run_config:
+    method = run_config.get("method") or {"name": "prompt_tuning"}
+    if method["name"] != "prompt_tuning":
+      parts.append(method["name"])
+    if "prompt_length" in run_config and method.get("input_prompt", True):
       parts.append(f"prompt {run_config['prompt_length']} x {model['emb_dim']}")
   parts.append(os.path.basename(os.path.abspath(model_dir)))
   return " | ".join(parts)
@@ -355,7 +358,8 @@ def summary(model_dir: str, curves: Curves, best: Optional[Best], image_name: st
   grad_norm = _last(curves, TRAIN, "grad_norm")
   if grad_norm:
     rows.append(("final gradient norm", f"{grad_norm[1]:.4g} (step {grad_norm[0]})",
-                 "L2 norm of the loss's gradient with respect to the prompt, last logged batch"))
+                 "L2 norm of the loss's gradient with respect to the trained parameters (the prompt), last "
+                 "logged batch"))
   last_eval = _last(curves, EVAL, "loss_per_token")
   if last_eval:
     rows.append(("final eval loss per token", f"{last_eval[1]:.4g} (step {last_eval[0]})",

@@ -22,6 +22,7 @@ place; its numpy files follow, and a restore writes them again if a kill cut the
 SIGKILLs itself (SIGTERMs itself for the point `sigterm`) when it reaches that point at that step.
 """
 import errno
+import gc
 import glob
 import json
 import logging
@@ -29,7 +30,10 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -212,10 +216,11 @@ class RunCheckpointer:
                             "latest checkpoint instead of saving this step again.")
     arrays = _host_arrays(state.trainable)
     try:
-      self._manager.save(step, force=True, args=ocp.args.Composite(
-          **{STATE_ITEM: ocp.args.StandardSave(state),
-             DATA_POSITION_ITEM: ocp.args.JsonSave(dict(data_position))}))
-      self._manager.wait_until_finished()
+      with _OrbaxReportsHeld():
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state),
+               DATA_POSITION_ITEM: ocp.args.JsonSave(dict(data_position))}))
+        self._manager.wait_until_finished()
       fault_point("mid_save", step)
       if jax.process_index() == 0:
         os.makedirs(os.path.dirname(numpy_dir), exist_ok=True)
@@ -278,9 +283,10 @@ class RunCheckpointer:
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-             DATA_POSITION_ITEM: ocp.args.JsonRestore()}))
+      with _OrbaxReportsHeld():
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+               DATA_POSITION_ITEM: ocp.args.JsonRestore()}))
       arrays = _host_arrays(restored[STATE_ITEM].trainable)
       self._check_numpy_copy(step, arrays)
     except Exception as e:  # orbax and tensorstore raise many unrelated types.
@@ -359,6 +365,75 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class _OrbaxReportsHeld(logging.Filter):
+  """`with _OrbaxReportsHeld():` around an orbax save or restore whose failure the caller reports in
+  one line of its own.
+
+  While the block runs, what orbax logs (its absl logger's records, logged by a module of orbax, and
+  asyncio's, such as "Future exception was never retrieved") is held, as are the "Event loop is
+  closed" errors of tensorstore's I/O threads, which outlive the event loop of a failed orbax write
+  and print bare tracebacks through `sys.unraisablehook`. If the block raises, orbax's threads that
+  it started are given `THREADS_WAIT_S` to end (a failed save leaves some writing, and logging, after
+  the first error reaches the caller), the futures they dropped are collected, and what was held goes
+  to this package's logger at DEBUG. Else what was held is passed on as it came. After the block,
+  logging and `sys.unraisablehook` are as before.
+  """
+  THREADS_WAIT_S = 10.0
+
+  def __init__(self):
+    super().__init__()
+    self._records: list[logging.LogRecord] = []
+    self._unraisable: list[Any] = []
+    self._unraisablehook = sys.unraisablehook
+    self._threads_before: set[threading.Thread] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == _ABSL_LOGGER.name and not record.pathname.startswith(_ORBAX_SOURCE):
+      return True
+    self._records.append(record)
+    return False
+
+  def _hold_unraisable(self, unraisable: Any) -> None:
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      self._unraisable.append(unraisable)
+    else:
+      self._unraisablehook(unraisable)
+
+  def __enter__(self) -> None:
+    self._threads_before = set(threading.enumerate())
+    for held_logger in _HELD_LOGGERS:
+      held_logger.addFilter(self)
+    sys.unraisablehook = self._hold_unraisable
+
+  def __exit__(self, error_type: Optional[type], *_) -> None:
+    if error_type is not None:
+      deadline = time.monotonic() + self.THREADS_WAIT_S
+      for thread in set(threading.enumerate()) - self._threads_before:
+        if type(thread).__module__.startswith("orbax."):
+          # Thread's own join: orbax's raises the thread's error.
+          threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+      gc.collect()  # asyncio reports a dropped future's error when it is collected
+    for held_logger in _HELD_LOGGERS:
+      held_logger.removeFilter(self)
+    sys.unraisablehook = self._unraisablehook
+    for record in self._records:
+      if error_type is None:
+        logging.getLogger(record.name).handle(record)
+      else:
+        logger.debug("%s: %s", record.name, record.getMessage(), exc_info=record.exc_info)
+    for unraisable in self._unraisable:
+      if error_type is None:
+        self._unraisablehook(unraisable)
+      else:
+        logger.debug("tensorstore: %s", unraisable.exc_value)
+
+
+_ORBAX_SOURCE = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep  # .../site-packages/orbax/
+_ABSL_LOGGER = logging.getLogger("absl")  # the logger of absl.logging, which orbax logs with
+_HELD_LOGGERS = (_ABSL_LOGGER, logging.getLogger("asyncio"))
 
 
 def _host_arrays(trainable: Any) -> dict[str, np.ndarray]:
@@ -483,3 +558,11 @@ def _write_atomically(filename: str, data: bytes) -> None:
 def _json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
   """`value` as it reads back from JSON (tuples as lists, keys sorted)."""
   return json.loads(json.dumps(dict(value), sort_keys=True))
+
+
+def write_numpy_params(directory: str, params: Mapping[str, np.ndarray]) -> None:
+  """Writes `/`-joined `params` as numpy files named as the official code names them, in a new
+  `directory`, atomically; a `directory` that exists already is left as it is."""
+  if not os.path.exists(directory):
+    _write_numpy_dir(directory, {numpy_file_name(path): np.asarray(value)
+                                 for path, value in params.items()})

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import seqio
 
-from prompt_tuning_jax import prompts
+from prompt_tuning_jax import methods, prompts
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
+from prompt_tuning_jax.tasks import common as task_common
 
 logger = logging.getLogger("prompt_tuning_jax")
 
@@ -25,6 +26,13 @@ def task_vocabulary(name: str) -> seqio.Vocabulary:
     raise ValueError(f"MIXTURE_OR_TASK_NAME {name!r} is not registered ({e}). Import the module "
                      "that registers it with --gin.MIXTURE_OR_TASK_MODULE=\"'my.tasks'\".") from None
   return task.output_features["targets"].vocabulary
+
+
+def task_indexed(name: str, method: methods.Method) -> tuple[str, methods.Method, list[str]]:
+  """A multi-task prompt's mixture: (the mixture `name` with each input's task as its first token,
+  `tasks.common.task_indexed_mixture`; `method` for its tasks; their names in index order)."""
+  indexed, task_names, first_token = task_common.task_indexed_mixture(name)
+  return indexed, method.for_tasks(len(task_names), first_token), task_names
 
 
 def check_prompt_length(prompt_length: int) -> None:

@@ -11,7 +11,7 @@ from prompt_tuning_jax import console
 @console.command
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """`--gin_file` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`; writes the operative
-  config to MODEL_DIR/config.gin and prints where the prompt went."""
+  config to MODEL_DIR/config.gin and prints where the prompt (or the method's parameters) went."""
   from prompt_tuning_jax import (  # pylint: disable=g-import-not-at-top (after console.command)
       checkpoints, cli, run_checkpoints)
   summary = cli.run("train", argv, "Train a prompt on a frozen T5.")
@@ -21,9 +21,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"Stopped by SIGTERM at step {step}, checkpoint saved; rerun the same command to resume. "
           f"MODEL_DIR: {summary['model_dir']}")
     return
-  prompt_file = os.path.join(summary["numpy_checkpoints"], f"checkpoint_{step}",
-                             run_checkpoints.numpy_file_name(checkpoints.PROMPT_PATH))
-  print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\nPrompt (numpy): {prompt_file}")
+  numpy_dir = summary.get("folded") or os.path.join(summary["numpy_checkpoints"],
+                                                     f"checkpoint_{step}")
+  prompt_file = os.path.join(numpy_dir, run_checkpoints.numpy_file_name(checkpoints.PROMPT_PATH))
+  where = (f"Prompt (numpy): {prompt_file}" if os.path.exists(prompt_file)
+           else f"Trained parameters (numpy): {numpy_dir}")
+  print(f"Trained to step {step}; MODEL_DIR: {summary['model_dir']}\n{where}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 `TrainState` holds only what learns (the prompt), its optimizer state and the step; the frozen model's
 parameters are a separate argument that is never differentiated, never updated and never saved.
-Batches use T5X's feature names: `encoder_input_tokens`, `decoder_input_tokens`,
-`decoder_target_tokens` and `decoder_loss_weights`, each `[batch, length]`.
+Batches use T5X's feature names, each `[batch, length]`: the model's architecture
+(`architectures.of(model.config)`) reads its own (T5: `encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights`) and gives logits at `decoder_target_tokens`, where
+the loss weighted by `decoder_loss_weights` is taken.
 """
 import dataclasses
 import functools
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from prompt_tuning_jax import freezing, losses, partitioning, xla_cpu
+from prompt_tuning_jax import architectures, freezing, losses, partitioning, xla_cpu
 from prompt_tuning_jax.network import T5
 
 Batch = dict[str, jax.Array]
@@ -51,11 +53,7 @@ def _weights(batch: Batch) -> jax.Array:
 def _loss_and_metrics(model: T5, params, batch: Batch, loss_config: LossConfig,
                       normalizer: Optional[jax.Array], dropout_rng: Optional[jax.Array]):
   """Loss, and summed metrics (loss, z_loss, correct tokens, real tokens, examples) of one batch."""
-  enable_dropout = dropout_rng is not None
-  logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                       batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                       enable_dropout=enable_dropout,
-                       rngs={"dropout": dropout_rng} if enable_dropout else None)
+  logits = architectures.of(model.config).logits(model, params, batch, dropout_rng)
   weights = _weights(batch)
   loss, z_loss = losses.weighted_cross_entropy(
       logits, batch["decoder_target_tokens"], weights, label_smoothing=loss_config.label_smoothing,

@@ -34,9 +34,9 @@ import optax
 import seqio
 import tensorflow as tf
 
-from prompt_tuning_jax import (batching, checkpoints, evaluation, freezing, metrics_logging,
-                               optimizers, partitioning, prompt_initializers, prompts,
-                               run_checkpoints, run_lock, run_setup, trainer, trees)
+from prompt_tuning_jax import (architectures, batching, checkpoints, evaluation, freezing, methods,
+                               metrics_logging, optimizers, partitioning, prompt_initializers, prompt_library,
+                               prompts, run_checkpoints, run_lock, run_setup, trainer, trees)
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
 from prompt_tuning_jax.network import T5
 from prompt_tuning_jax.run_checkpoints import fault_point
@@ -48,13 +48,11 @@ logger = logging.getLogger("prompt_tuning_jax")
 # error.
 MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
                         "log_period", "eval_num_examples", "skip_nonfinite_steps",
-                        "max_skipped_steps", "optimizer")
+                        "max_skipped_steps", "optimizer", "publish_to")
 # Settings runs record since some version; a run recorded without one resumes.
 NEW_RUN_SETTINGS = ("optimizer_state",)
 # Execution settings that runs recorded inside `model_config` before `ExecutionConfig` held them.
 RETIRED_RUN_SETTINGS = ("model_config.remat_policy", "model_config.attention_chunks")
-MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                  "decoder_loss_weights")
 # A prompt vector this many times longer than the longest of the frozen embedding and the initial
 # prompt has diverged: its attention saturates, its gradients vanish, and it never comes back.
 DIVERGENCE_FACTOR = 1e3
@@ -115,8 +113,9 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
           model_config: T5Config, prompt_length: int, initial_checkpoint_path: Optional[str] = None,
           prompt_init: Callable[..., prompts.Initializer] = prompt_initializers.random_uniform,
           prompt_combine: str = "prefix",
+          method: methods.Method = methods.prompt_tuning(),
           assignment_map: Sequence[tuple[str, Optional[str]]] = (),
-          trainable_patterns: Sequence[str] = freezing.PROMPT_ONLY,
+          trainable_patterns: Optional[Sequence[str]] = None,
           optimizer: Optional[optax.GradientTransformation] = None,
           loss_config: trainer.LossConfig = trainer.LossConfig(),
           eval_config: EvalConfig = EvalConfig(),
@@ -126,18 +125,24 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
           seed: int = 0, max_encoder_length: Optional[int] = None,
           progress_bar: Optional[bool] = None, class_labels: Sequence[str] = (),
           skip_nonfinite_steps: bool = False, max_skipped_steps: int = 10,
-          log_batch_hashes: bool = False) -> dict[str, Any]:
+          log_batch_hashes: bool = False, publish_to: Optional[str] = None) -> dict[str, Any]:
   """Trains a prompt; returns a summary (final step, last metrics, eval results, paths).
 
   Args mirror T5X's macros: MODEL_DIR, TRAIN_STEPS, INITIAL_CHECKPOINT_PATH (None: a random frozen
   model, for demos and tests), PROMPT_LENGTH; `dataset_config` holds MIXTURE_OR_TASK_NAME,
   TASK_FEATURE_LENGTHS and BATCH_SIZE. `prompt_init` is an initialiser factory (e.g.
   `prompt_initializers.from_class_labels` with its `class_labels` bound). `execution` is resolved
-  for the mesh's devices before the model is built. `seed` fixes the initialisation and the data
-  order. `class_labels` (CLASS_LABELS) are checked against the targets' length.
+  for the mesh's devices before the model is built. `method` (`methods.py`) is what trains: the
+  prompt (the default), every weight, prefixes, per-layer or residual prompts, IA3 or LoRA;
+  `trainable_patterns` (default: the method's) picks the parameters that learn by their paths.
+  A method with a training-time reparameterisation (a residual prompt, a prefix MLP) also writes
+  its folded parameters to `MODEL_DIR/folded/checkpoint_N` at the end. `seed` fixes the initialisation and the
+  data order. `class_labels` (CLASS_LABELS) are checked against the targets' length.
   `skip_nonfinite_steps` drops the update of a step whose loss or prompt is NaN or Inf, or whose
   prompt diverged, instead of stopping, until `max_skipped_steps` steps in a row are dropped;
   `log_batch_hashes` (debugging) writes a hash of each batch's tokens to `train_metrics.jsonl`.
+  `publish_to` names a prompt library (a folder, `prompt_library`) that a finished run (not one
+  stopped by SIGTERM) publishes its final prompt in, with its task, model, steps and last metrics.
   Everything is checked before anything is written; then the run takes MODEL_DIR's lock.
 
   Returns:
@@ -150,32 +155,45 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
   """
   _check_settings(model_dir, train_steps, dataset_config, eval_config, checkpoint_config,
                   log_period, seed, skip_nonfinite_steps, max_skipped_steps)
+  if publish_to is not None:
+    prompt_library.check_library(publish_to)
   if "://" not in model_dir:  # orbax saves only to absolute paths; gs://... stays as it is
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
+  architecture = architectures.of(model_config)
+  architecture.check(method, eval_config.decoding_config.method, dataset_config.length_buckets,
+                     assignment_map)
   vocabulary, mesh = _check_inputs(
-      dataset_config, eval_config, model_config, prompt_length,
+      dataset_config, eval_config, model_config, architecture, prompt_length,
       initial_checkpoint_path, assignment_map, mesh_shape, num_microbatches, max_encoder_length,
       class_labels)
   execution = run_setup.resolve_execution(execution, model_config, mesh)
-  metrics_logging.log_run_start(dataset_config.mixture_or_task_name, model_config, prompt_length,
+  trainable_patterns = tuple(trainable_patterns or architecture.trainable_patterns(method))
+  task_names = ()
+  if method.multitask_combine is not None:
+    dataset_config, eval_config, method, task_names = _task_indexed(dataset_config, eval_config,
+                                                                    method)
+  metrics_logging.log_run_start(dataset_config.mixture_or_task_name,
+                                architecture.describe(model_config),
+                                method.description(prompt_length),
                                 train_steps, dataset_config.batch_size, mesh, execution.attention,
                                 model_dir)
   init_rng, prompt_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
   model, params = _prompted_model(
-      model_config, execution, initial_checkpoint_path, assignment_map, prompt_length, prompt_init,
-      prompt_combine, vocabulary, init_rng, prompt_rng)
-  norm_bound = _divergence_bound(params)
-  data = _Data.read(dataset_config, eval_config, seed, os.path.join(model_dir, "inference_eval"))
+      model_config, architecture, execution, method, initial_checkpoint_path, assignment_map,
+      prompt_length, prompt_init, prompt_combine, vocabulary, init_rng, prompt_rng)
+  norm_bound = _divergence_bound(params, architecture.prompt_path)
+  data = _Data.read(dataset_config, eval_config, seed, os.path.join(model_dir, "inference_eval"),
+                    architecture.feature_converter())
   steps = _CompiledSteps.build(
-      model, params, mesh, optimizer or optimizers.prompt_tuning_adafactor(), state_rng,
-      trainable_patterns, loss_config, num_microbatches, skip_nonfinite_steps,
+      model, architecture, params, mesh, optimizer or optimizers.prompt_tuning_adafactor(),
+      state_rng, trainable_patterns, loss_config, num_microbatches, skip_nonfinite_steps,
       dataset_config.batch_size, eval_config.decoding_config, dataset_config.length_buckets,
-      norm_bound)
+      dataset_config.task_feature_lengths["targets"], norm_bound)
   identity = _run_identity(
       dataset_config=dataset_config, train_steps=train_steps, model_config=model_config,
       prompt_length=prompt_length, prompt_combine=prompt_combine,
       initial_checkpoint_path=initial_checkpoint_path, assignment_map=assignment_map,
-      trainable_patterns=trainable_patterns, loss_config=loss_config,
+      trainable_patterns=trainable_patterns, method=method, loss_config=loss_config,
       num_microbatches=num_microbatches, eval_config=eval_config,
       checkpoint_config=checkpoint_config, log_period=log_period, seed=seed,
       skip_nonfinite_steps=skip_nonfinite_steps, max_skipped_steps=max_skipped_steps,
@@ -199,7 +217,18 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
                         checkpoint_config.period or eval_config.period or train_steps, log_period,
                         skip_nonfinite_steps, max_skipped_steps, norm_bound, log_batch_hashes,
                         progress_bar, batches_consumed)
-      return loop.run()
+      summary = loop.run()
+      if method.folded() != method and not summary.get("preempted"):
+        summary.update(_write_folded(method, model_config, steps.state.trainable,
+                                     summary["final_step"], model_dir))
+      if task_names and not summary.get("preempted"):
+        summary["task_prompts"] = _write_task_prompts(method, task_names, steps.state.trainable,
+                                                      model_dir)
+      if publish_to is not None and not summary.get("preempted"):
+        summary["published"] = prompt_library.publish_run(
+            publish_to, summary, dataset_config.mixture_or_task_name, model_config,
+            initial_checkpoint_path)
+      return summary
     except OSError as e:  # a full disk outside the save, which says so itself
       if e.errno != errno.ENOSPC:
         raise
@@ -244,19 +273,20 @@ def _check_int(name: str, value: Any, minimum: int, none_means: Optional[str] = 
                      + f", got {value!r}.")
 
 
-def _divergence_bound(params: dict[str, Any]) -> float:
+def _divergence_bound(params: dict[str, Any], prompt_path: str) -> float:
   """How long a prompt vector may grow: `DIVERGENCE_FACTOR` times the longest row of the frozen
-  embedding and of the initial prompt."""
+  embedding and of the initial prompt (at `prompt_path`)."""
   flat = trees.flatten(params)
   longest = max(float(np.sqrt(np.max(np.einsum("...i,...i->...", x, x))))
                 for x in (np.asarray(flat[path], np.float32)
-                          for path in ("token_embedder/embedding", checkpoints.PROMPT_PATH)
+                          for path in ("token_embedder/embedding", prompt_path)
                           if path in flat))
   return DIVERGENCE_FACTOR * longest
 
 
 def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, model_config: T5Config,
-                  prompt_length: int, initial_checkpoint_path: Optional[str],
+                  architecture: architectures.Architecture, prompt_length: int,
+                  initial_checkpoint_path: Optional[str],
                   assignment_map: Sequence[tuple[str, Optional[str]]], mesh_shape: Sequence[int],
                   num_microbatches: int, max_encoder_length: Optional[int],
                   class_labels: Sequence[str]) -> tuple[seqio.Vocabulary, jax.sharding.Mesh]:
@@ -279,27 +309,32 @@ def _check_inputs(dataset_config: DatasetConfig, eval_config: EvalConfig, model_
   if initial_checkpoint_path is not None:
     checkpoints.check_initial_checkpoint(initial_checkpoint_path)
     if not assignment_map:
-      checkpoints.check_checkpoint_matches(initial_checkpoint_path, model_config)
+      architecture.check_checkpoint(initial_checkpoint_path, model_config)
   return vocabulary, mesh
 
 
-def _prompted_model(model_config: T5Config, execution: ExecutionConfig,
+def _prompted_model(model_config: T5Config, architecture: architectures.Architecture,
+                    execution: ExecutionConfig, method: methods.Method,
                     initial_checkpoint_path: Optional[str],
                     assignment_map: Sequence[tuple[str, Optional[str]]], prompt_length: int,
                     prompt_init: Callable[..., prompts.Initializer], prompt_combine: str,
                     vocabulary: seqio.Vocabulary, init_rng: jax.Array,
                     prompt_rng: jax.Array) -> tuple[T5, dict[str, Any]]:
-  """(the model, its nested params on the host): the frozen model and a new prompt
-  `[prompt_length, embed]` from its initialiser."""
-  loaded = checkpoints.load_frozen_params(model_config, initial_checkpoint_path, assignment_map,
-                                          init_rng, scan_layers=execution.scan_layers)
+  """(the model, its nested params on the host): the frozen model, a new prompt `[prompt_length,
+  embed]` from its initialiser (where the method has one), and the method's other new parameters
+  from their initialisers."""
+  loaded = architecture.load_frozen_params(model_config, initial_checkpoint_path, assignment_map,
+                                           init_rng, execution.scan_layers)
   embedding = np.asarray(loaded["token_embedder/embedding"])
   init = run_setup.build_prompt_init(prompt_init, embedding, vocabulary)
-  prompt_config = prompts.PromptConfig(prompt_length, init, prompt_combine)
-  prompt = jax.jit(prompt_config.init, static_argnums=(1, 2))(
-      prompt_rng, (prompt_length, model_config.emb_dim), jnp.float32)
-  params = trees.unflatten({**loaded, checkpoints.PROMPT_PATH: np.asarray(prompt)})
-  return T5(model_config, prompt_config, execution=execution), params
+  prompt_config = method.prompt_config(prompt_length, init, prompt_combine)
+  model = architecture.build(method, model_config, prompt_config, execution)
+  new = {}
+  if prompt_config is not None and prompt_config.multitask is None:
+    new[architecture.prompt_path] = np.asarray(jax.jit(prompt_config.init, static_argnums=(1, 2))(
+        prompt_rng, (prompt_length, model_config.emb_dim), jnp.float32))
+  new.update(architecture.new_params(model, set(loaded) | set(new), prompt_rng))
+  return model, trees.unflatten({**loaded, **new})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,10 +349,10 @@ class _Data:
 
   @classmethod
   def read(cls, dataset_config: DatasetConfig, eval_config: EvalConfig, seed: int,
-           eval_log_dir: str) -> "_Data":
-    """Opens the datasets, which checks the task's splits before anything is written."""
+           eval_log_dir: str, converter: seqio.FeatureConverter) -> "_Data":
+    """Opens the datasets through the model's feature `converter`, which checks the task's splits
+    before anything is written."""
     lengths = dict(dataset_config.task_feature_lengths)
-    converter = seqio.EncDecFeatureConverter(pack=False)
     train = seqio.get_dataset(
         dataset_config.mixture_or_task_name, task_feature_lengths=lengths,
         dataset_split=dataset_config.split, shuffle=dataset_config.shuffle, num_epochs=None,
@@ -329,7 +364,8 @@ class _Data:
     eval_name = eval_config.mixture_or_task_name or dataset_config.mixture_or_task_name
     evaluator = evaluation.make_evaluator(eval_name, lengths, eval_config.split,
                                           log_dir=eval_log_dir,
-                                          num_examples=eval_config.num_examples)
+                                          num_examples=eval_config.num_examples,
+                                          feature_converter=converter)
     eval_dataset = seqio.get_dataset(
         eval_name, task_feature_lengths=lengths, dataset_split=eval_config.split, shuffle=False,
         num_epochs=1, use_cached=dataset_config.use_cached, feature_converter=converter)
@@ -341,6 +377,7 @@ class _Data:
 @dataclasses.dataclass
 class _CompiledSteps:
   """The train state and the frozen params on the mesh, and the compiled functions that use them."""
+  architecture: architectures.Architecture  # the model's: its features and prompt path
   state: trainer.TrainState
   state_shardings: Any
   frozen: Any
@@ -350,12 +387,13 @@ class _CompiledSteps:
   predictor: evaluation.Predictor
 
   @classmethod
-  def build(cls, model: T5, params: dict[str, Any], mesh: jax.sharding.Mesh,
+  def build(cls, model: T5, architecture: architectures.Architecture, params: dict[str, Any],
+            mesh: jax.sharding.Mesh,
             optimizer: optax.GradientTransformation, state_rng: jax.Array,
             trainable_patterns: Sequence[str], loss_config: trainer.LossConfig,
             num_microbatches: int, skip_nonfinite_steps: bool, batch_size: int,
             decoding_config: evaluation.DecodingConfig, length_buckets: Sequence[int],
-            norm_bound: float) -> "_CompiledSteps":
+            targets_length: int, norm_bound: float) -> "_CompiledSteps":
     """Splits `params` into trainable and frozen by `trainable_patterns`, places both by the model's
     logical axes, and compiles the train and eval steps and the predictor over `mesh`; a train step
     whose prompt has a vector longer than `norm_bound` is flagged as diverged."""
@@ -368,13 +406,15 @@ class _CompiledSteps:
     state_sh = jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), state).replace(
         trainable=trainable_sh)
     return cls(
-        state=jax.device_put(state, state_sh), state_shardings=state_sh, frozen=frozen,
+        architecture=architecture, state=jax.device_put(state, state_sh),
+        state_shardings=state_sh, frozen=frozen,
         batch_sharding=partitioning.batch_sharding(mesh),
         train_step=trainer.compile_train_step(model, optimizer, mesh, state_sh, frozen_sh,
                                               loss_config, num_microbatches, skip_nonfinite_steps,
                                               norm_bound=norm_bound),
         eval_step=trainer.compile_eval_step(model, mesh, trainable_sh, frozen_sh, loss_config),
-        predictor=evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets))
+        predictor=evaluation.Predictor(model, frozen, batch_size, decoding_config, length_buckets,
+                                       targets_length))
 
   def resume(self, checkpointer: run_checkpoints.RunCheckpointer) -> int:
     """Restores the latest good checkpoint into `state`, if there is one, with this run's optimizer
@@ -396,7 +436,7 @@ class _CompiledSteps:
   def place(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of a batch -> the global batch of model features on the mesh."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items() if k in MODEL_FEATURES}
+            for k, v in batch.items() if k in self.architecture.features}
 
 
 class _TrainLoop:
@@ -447,7 +487,9 @@ class _TrainLoop:
       while step < self.train_steps:
         local, batch = upcoming
         if self.log_batch_hashes:
-          self.metrics_log.record(step + 1, {"hash": _batch_hash(local)}, kind="batch")
+          self.metrics_log.record(
+              step + 1, {"hash": _batch_hash(local, self.steps.architecture.features)},
+              kind="batch")
         self.steps.state, metrics = self.steps.train_step(self.steps.state, self.steps.frozen,
                                                           batch)
         step += 1
@@ -478,7 +520,7 @@ class _TrainLoop:
     finally:
       preemption.restore()
       self.metrics_log.close()
-    prompt = trees.flatten(self.steps.state.trainable).get(checkpoints.PROMPT_PATH)
+    prompt = trees.flatten(self.steps.state.trainable).get(self.steps.architecture.prompt_path)
     self.summary.update(
         final_step=step, prompt=None if prompt is None else np.asarray(prompt),
         numpy_checkpoints=os.path.join(self.checkpointer.model_dir, run_checkpoints.NUMPY_DIR))
@@ -549,7 +591,7 @@ class _TrainLoop:
         trainable, frozen, partitioning.place_on_mesh(batch, self.steps.batch_sharding))
     self.metrics_log.write(step, evaluation.eval_loss(
         self.data.eval_dataset, eval_on_mesh, trainable, frozen, self.dataset_config.batch_size,
-        MODEL_FEATURES, self.dataset_config.length_buckets), kind="eval")
+        self.steps.architecture.features, self.dataset_config.length_buckets), kind="eval")
     self.summary["eval"][step] = results
     for task, task_metrics in results.items():
       self.metrics_log.write(step, {k: v for k, v in task_metrics.items() if np.ndim(v) == 0},
@@ -606,6 +648,7 @@ class _Preemption:
 def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
                   checkpoint_config: CheckpointConfig, model_config: T5Config,
                   trainable_patterns: Sequence[str],
+                  method: methods.Method = methods.prompt_tuning(),
                   assignment_map: Sequence[tuple[str, Optional[str]]] = (),
                   **settings) -> dict[str, Any]:
   """The JSON-able settings that identify a run, for `run_config.json`, under the flat names runs
@@ -626,6 +669,8 @@ def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
     identity["shuffle"] = False
   if assignment_map:
     identity["assignment_map"] = list(assignment_map)
+  if method != methods.prompt_tuning():
+    identity["method"] = method
   if not eval_config.best_higher_is_better:
     identity["best_higher_is_better"] = False
   return _json_able(identity)
@@ -644,16 +689,61 @@ def _json_able(value: Any) -> Any:
   return str(jnp.dtype(value))  # the only other kind of setting: a dtype
 
 
+def _task_indexed(dataset_config: DatasetConfig, eval_config: EvalConfig, method: methods.Method
+                  ) -> tuple[DatasetConfig, EvalConfig, methods.Method, list[str]]:
+  """A multi-task prompt's run: its mixture (and eval mixture) with each input's task index as its
+  first token (`tasks.common.task_indexed_mixture`), the method for those tasks, and their names."""
+  name, method, task_names = run_setup.task_indexed(dataset_config.mixture_or_task_name, method)
+  if eval_config.mixture_or_task_name is not None:
+    eval_config = dataclasses.replace(eval_config, mixture_or_task_name=run_setup.task_indexed(
+        eval_config.mixture_or_task_name, method)[0])
+  logger.info("Multi-task prompt over %d tasks: %s.", len(task_names), ", ".join(task_names))
+  return (dataclasses.replace(dataset_config, mixture_or_task_name=name), eval_config, method,
+          task_names)
+
+
+def _write_task_prompts(method: methods.Method, task_names: Sequence[str], trainable: Any,
+                        model_dir: str) -> str:
+  """Writes each task's whole prompt `[length, embed]` (the shared prompt combined with the task's)
+  to `MODEL_DIR/task_prompts/TASK.npy`, for the prompt bank; returns the directory."""
+  tree = jax.device_get(trainable)["encoder"]["prompt"]
+  bank = prompts.fold_multitask(tree, method.multitask())
+  directory = os.path.join(model_dir, "task_prompts")
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    for name, prompt in zip(task_names, bank):
+      np.save(os.path.join(directory, f"{name}.npy"), prompt.astype(np.float32))
+  return directory
+
+
+def _write_folded(method: methods.Method, model_config: T5Config, trainable: Any, step: int,
+                  model_dir: str) -> dict[str, Any]:
+  """Writes the method's folded parameters (`Method.fold`) of the final `step` as numpy files to
+  `MODEL_DIR/folded/checkpoint_{step}`; returns the summary's `folded` path (and its `prompt`, where
+  the method has one)."""
+  flat = {path: np.asarray(value) for path, value in
+          trees.flatten(jax.device_get(trainable)).items()}
+  folded = method.fold(flat, model_config)
+  directory = os.path.join(model_dir, "folded", f"checkpoint_{step}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    run_checkpoints.write_numpy_params(directory, folded)
+  summary = {"folded": directory}
+  if checkpoints.PROMPT_PATH in folded:
+    summary["prompt"] = folded[checkpoints.PROMPT_PATH]
+  return summary
+
+
 def _read_finiteness(metrics: dict[str, jax.Array]) -> tuple[bool, bool, bool]:
   """(the step's loss is finite, its prompt is finite, its prompt is bounded): the host's wait for
   that step."""
   return tuple(bool(x) for x in jax.device_get([metrics[k] for k in trainer.FINITENESS_METRICS]))
 
 
-def _batch_hash(batch: Mapping[str, np.ndarray]) -> int:
-  """CRC32 of a batch's tokens (fits a float exactly, for `train_metrics.jsonl`)."""
+def _batch_hash(batch: Mapping[str, np.ndarray], features: Sequence[str]) -> int:
+  """CRC32 of a batch's model `features` (fits a float exactly, for `train_metrics.jsonl`)."""
   return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)
-                             if k in MODEL_FEATURES))
+                             if k in features))
 
 
 def _learning_rate(state: trainer.TrainState) -> Optional[float]:

@@ -27,3 +27,4 @@ def register_all() -> list[str]:
 
 
 TASK_NAMES = tuple(register_all())
+from . import spot  # pylint: disable=g-import-not-at-top (SPoT's mixtures need the tasks above)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from prompt_tuning_jax import vocabularies
 
@@ -120,6 +121,48 @@ def add_mixture_variants(name: str, tasks: Sequence[MixtureEntry],
       add_mixture(prefix + name, entries, default_rate)
       names.append(prefix + name)
   return names
+
+
+# The suffix of the mixture `task_indexed_mixture` registers for a mixture or task.
+TASK_INDEXED_SUFFIX = "_task_indexed"
+
+
+def task_indexed_mixture(name: str) -> tuple[str, list[str], int]:
+  """A mixture like the mixture (or task) `name` whose examples' inputs begin with a token naming
+  their task: `<extra_id_i>` for the i-th of its tasks in name order, the token the official
+  code's multi-task prompts read (`extended/multitask_prompts.py`). Registered on first use.
+
+  Returns:
+    (the indexed mixture's name, its tasks' names in index order, the token id of task 0; task i's
+    is that minus i).
+  """
+  mixture = seqio.get_mixture_or_task(name)
+  subtasks = sorted(mixture.tasks, key=lambda t: t.name) if isinstance(mixture, seqio.Mixture) \
+      else [mixture]
+  first_token = subtasks[0].output_features["inputs"].vocabulary.vocab_size - 1
+  indexed = name + TASK_INDEXED_SUFFIX
+  if indexed not in seqio.MixtureRegistry.names():
+    entries = []
+    for index, task in enumerate(subtasks):
+      steps = list(task.preprocessors)
+      at = len(steps) - (steps[-1] is seqio.preprocessors.append_eos_after_trim)
+      steps.insert(at, functools.partial(_prepend_token, token=first_token - index))
+      copy = f"{task.name}_as_task_{index}_of_{name}"
+      seqio.TaskRegistry.remove(copy)
+      seqio.TaskRegistry.add(copy, source=task.source, output_features=task.output_features,
+                             preprocessors=steps, postprocess_fn=task.postprocessor,
+                             metric_objs=task.metric_objs)
+      rate = mixture.get_rate(task) if isinstance(mixture, seqio.Mixture) else 1.0
+      entries.append((copy, rate))
+    add_mixture(indexed, entries)
+  return indexed, [task.name for task in subtasks], first_token
+
+
+def _prepend_token(dataset, token: int):
+  """Tokenised `inputs` with `token` in front (before EOS is appended after trimming)."""
+  return dataset.map(lambda example: {
+      **example, "inputs": tf.concat([tf.constant([token], example["inputs"].dtype),
+                                      example["inputs"]], axis=0)})
 
 
 def import_task_module(module_name: str):

@@ -5,6 +5,7 @@ as the TFDS version of the dataset (`super_glue`, `glue`, `mrqa`), so that one s
 serves both sources. Nothing here imports TensorFlow.
 """
 import csv
+import dataclasses
 import functools
 import gzip
 import io
@@ -49,11 +50,6 @@ _GLUE_COLUMNS = {
     "wnli": {"sentence1": ("sentence1",), "sentence2": ("sentence2",)},
 }
 _GLUE_LABEL_COLUMNS = ("label", "gold_label", "Quality", "is_duplicate", "score")
-# Fields of the examples that hold class ids or indices, and lists of strings; every other field
-# holds a string (the TFDS features, whose tf.data signature a value of another type would break).
-_INT_FIELDS = frozenset({"label", "idx", "start1", "start2", "end1", "end2", "span1_index",
-                         "span2_index"})
-_LIST_FIELDS = frozenset({"entities", "answers"})
 _INT32_RANGE = range(-2**31, 2**31)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SUPER_GLUE_TEXT_FEATURES = {
@@ -65,6 +61,80 @@ _SUPER_GLUE_TEXT_FEATURES = {
     "axb": ("sentence1", "sentence2"),
     "axg": ("premise", "hypothesis"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Optional:
+  """A field of a line that may be absent."""
+  type: Any
+
+
+# The fields the readers take from a line of a jsonl file, and their types (the TFDS features they
+# become, whose tf.data signature a value of another type would break; a line's other fields are
+# ignored): `str`; `int`, an int32; `bool`; `None`, null; a tuple, any of its types; `[t]`, a list
+# of `t`; `{name: t}`, an object holding those fields.
+_LABEL = _Optional((str, int, bool, None))  # a class name, a bool or a class id (`_label_id`)
+_MULTIRC_LINE = {"idx": int, "passage": {"text": str, "questions": [{
+    "question": str, "idx": int,
+    "answers": [{"text": str, "idx": int, "label": _Optional((bool, int, None))}]}]}}
+_RECORD_LINE = {"idx": int, "passage": {"text": str, "entities": [{"start": int, "end": int}]},
+                "qas": [{"query": str, "idx": int, "answers": _Optional([{"text": str}])}]}
+_WSC_LINE = {"text": str, "idx": int, "label": _LABEL, "target": {
+    "span1_index": int, "span2_index": int, "span1_text": str, "span2_text": str}}
+_MRQA_LINE = {"context": str, "qas": [{"qid": str, "question": str, "answers": [str]}]}
+_TYPE_NAMES = {str: "a string", int: "an int32", bool: "a bool", None: "null"}
+
+
+def _super_glue_line(task: str) -> dict[str, Any]:
+  """The fields of a line of SuperGLUE `task`'s jsonl files, and their types."""
+  if task in _SUPER_GLUE_TEXT_FEATURES:
+    return {**{name: int if name.startswith(("start", "end")) else str
+               for name in _SUPER_GLUE_TEXT_FEATURES[task]}, "idx": int, "label": _LABEL}
+  return {"multirc": _MULTIRC_LINE, "record": _RECORD_LINE, "wsc.fixed": _WSC_LINE}[task]
+
+
+def _check_fields(value: Any, fields: Any, name: str = "") -> None:
+  """Checks a parsed jsonl line (`value`) against its `fields` (`_super_glue_line`).
+
+  Raises:
+    KeyError: a field is missing; its argument is the field's path (`passage.questions[0].idx`).
+    ValueError: a field's value is of another type; the message names the field, the value and the
+      type it should be.
+  """
+  if isinstance(fields, dict):
+    if not isinstance(value, dict):
+      raise _wrong_type(name, value, "an object")
+    for field, field_type in fields.items():
+      path = f"{name}.{field}" if name else field
+      if field in value:
+        _check_fields(value[field],
+                      field_type.type if isinstance(field_type, _Optional) else field_type, path)
+      elif not isinstance(field_type, _Optional):
+        raise KeyError(path)
+  elif isinstance(fields, list):
+    if not isinstance(value, list):
+      raise _wrong_type(name, value, "a list")
+    for index, item in enumerate(value):
+      _check_fields(item, fields[0], f"{name}[{index}]")
+  else:
+    types = fields if isinstance(fields, tuple) else (fields,)
+    if not any(_is_of(value, t) for t in types):
+      raise _wrong_type(name, value, " or ".join(_TYPE_NAMES[t] for t in types))
+
+
+def _is_of(value: Any, type_: Any) -> bool:
+  """Whether `value` is of `type_` (`str`, `bool`, None, or `int`: an int32 that is not a bool)."""
+  if type_ is None:
+    return value is None
+  if type_ is int:
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT32_RANGE
+  return isinstance(value, type_)
+
+
+def _wrong_type(name: str, value: Any, kind: str) -> ValueError:
+  """The error of the field `name` holding `value`, not `kind` (`an int32`)."""
+  shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+  return ValueError(f"the field {name!r} is {shown} ({type(value).__name__}), not {kind}")
 
 
 def _open_text(path: str) -> io.TextIOBase:
@@ -148,7 +218,11 @@ def fix_wsc_spans(example: Example) -> Example:
       continue
     if span_text in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
       continue  # The subjects have intervening text; nothing to fix.
-    first_word = example["text"].split()[example[f"{span}_index"]]
+    words = example["text"].split()
+    if not 0 <= example[f"{span}_index"] < len(words):
+      raise ValueError(f"WSC example {example['idx']}: {span}_index {example[f'{span}_index']} is "
+                       f"not the index of a word of its text, which has {len(words)}")
+    first_word = words[example[f"{span}_index"]]
     span_text = (span_text[0].lower() if first_word[0].islower() else span_text[0].upper()) + span_text[1:]
     span_text = span_text.rstrip(".").replace("\n", " ")
     if span_text not in example["text"]:
@@ -202,47 +276,23 @@ def super_glue_examples(task: str, path: str) -> Iterator[Example]:
 
 def _jsonl_examples(path: str, row_examples: Callable[[Example], Iterator[Example]],
                     expected: str = "") -> Iterator[Example]:
-  """The examples of each line of a jsonl file, checked (`_check_types`); a line whose fields are
-  missing or malformed is a `ValueError` naming the file, the line and the field. `expected` ends
-  the message of a missing field (what a line has)."""
+  """The examples of each line of a jsonl file; `row_examples` checks the line's fields
+  (`_check_fields`). A line whose fields are missing or malformed is a `ValueError` naming the file,
+  the line and the field. `expected` ends the message of a missing field (what a line has)."""
   for line_number, row in numbered_jsonl(path):
     try:
       examples = list(row_examples(row))
-      for example in examples:
-        _check_types(example)
     except KeyError as e:
-      raise ValueError(f"{path}:{line_number}: the field {e.args[0]!r} is missing{expected}."
-                       ) from None
+      raise ValueError(f"{path}:{line_number}: the field {e.args[0]!r} is missing{expected}; fix "
+                       "that line of the file.") from None
     except ValueError as e:
-      raise ValueError(f"{path}:{line_number}: {str(e).rstrip('.')}.") from None
-    except (TypeError, AttributeError) as e:  # a nested field of another type
-      raise ValueError(f"{path}:{line_number}: a field has the wrong type ({e}).") from None
+      raise ValueError(f"{path}:{line_number}: {str(e).rstrip('.')}; fix that line of the file."
+                       ) from None
     yield from examples
 
 
-def _check_types(example: Mapping[str, Any], parent: str = "") -> None:
-  """Raises a `ValueError` naming the first field of `example` not of its feature's type: an int32
-  (`_INT_FIELDS`, and the fields of a nested `idx`), a list of strings (`_LIST_FIELDS`), else a
-  string."""
-  for name, value in example.items():
-    if isinstance(value, dict) and name == "idx":
-      _check_types(value, parent=f"{name}.")
-      continue
-    if name in _LIST_FIELDS:
-      ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-      kind = "a list of strings"
-    elif name in _INT_FIELDS or parent:
-      ok = isinstance(value, int) and not isinstance(value, bool) and value in _INT32_RANGE
-      kind = "an int32"
-    else:
-      ok, kind = isinstance(value, str), "a string"
-    if not ok:
-      shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-      raise ValueError(f"the field {parent + name!r} is {shown} ({type(value).__name__}), not "
-                       f"{kind}")
-
-
 def _super_glue_row_examples(task: str, row: Mapping[str, Any]) -> Iterator[Example]:
+  _check_fields(row, _super_glue_line(task))
   if task == "record":
     yield from _record_examples(row)
   elif task == "multirc":
@@ -318,8 +368,7 @@ def mrqa_examples(path: str) -> Iterator[Example]:
 def _mrqa_row_examples(row: Mapping[str, Any]) -> Iterator[Example]:
   if "header" in row:
     return
+  _check_fields(row, _MRQA_LINE)
   for qa in row["qas"]:
-    example = {"qid": qa["qid"], "context": row["context"], "question": qa["question"],
-               "answers": qa["answers"]}
-    _check_types(example)  # before the strip
-    yield dict(example, context=example["context"].strip(), question=example["question"].strip())
+    yield {"qid": qa["qid"], "context": row["context"].strip(), "question": qa["question"].strip(),
+           "answers": qa["answers"]}

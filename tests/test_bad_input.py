@@ -119,6 +119,8 @@ FILES = {
     "data_not_object/superglue/RTE/train.jsonl": GOOD_LINE.encode() + b"[1, 2]\n",
     "data_wrong_type/superglue/RTE/train.jsonl": GOOD_LINE.encode()
         + b'{"premise": 5, "hypothesis": "x", "label": 0, "idx": 1}\n',
+    "data_nested_field/superglue/RTE/train.jsonl": GOOD_LINE.encode()
+        + b'{"premise": "a", "hypothesis": "x", "label": 0, "idx": {"a": 1}}\n',
     "data_lone_surrogate/superglue/RTE/train.jsonl": GOOD_LINE.encode()
         + b'{"premise": "a\\ud800", "hypothesis": "x", "label": 0, "idx": 1}\n',
     "glue_missing_column/glue/RTE/train.tsv":
@@ -373,6 +375,10 @@ CASES = [
     Case("data_wrong_type", "A data line's field has the wrong type",
          {"DATA_DIR": "'{tmp}/data_wrong_type'"},
          "train.jsonl:2: the field 'premise' is 5 (int), not a string",
+         "Fix that line of the file."),
+    Case("data_nested_field", "A data line's field holds an object (or a list) in place of a value",
+         {"DATA_DIR": "'{tmp}/data_nested_field'"},
+         "train.jsonl:2: the field 'idx' is {'a': 1} (dict), not an int32; fix that line of the file.",
          "Fix that line of the file."),
     Case("data_lone_surrogate", "A data line holds a lone surrogate (\\ud800)",
          {"DATA_DIR": "'{tmp}/data_lone_surrogate'"}, "train.jsonl:2: holds a lone surrogate",

@@ -90,10 +90,10 @@ def test_sampling_is_seeded_and_scores_its_own_tokens(model_and_params, score_fn
 
 def test_top_k_filter_keeps_exactly_k_tokens():
   logits = jnp.array([[0.1, 2.0, -1.0, 3.0, 0.5]])
-  kept = jax.jit(decoding._filter_logits, static_argnums=(1, 2))(logits, 2, 1.0)
+  kept = jax.jit(decoding.filter_logits, static_argnums=(1, 2))(logits, 2, 1.0)
   np.testing.assert_array_equal(kept > decoding.NEG_INF / 2, [[False, True, False, True, False]])
   # Probabilities ~[.06, .38, .02, .52, .09]: the 0.8 nucleus is the top two tokens.
-  kept = jax.jit(decoding._filter_logits, static_argnums=(1, 2))(logits, 0, 0.8)
+  kept = jax.jit(decoding.filter_logits, static_argnums=(1, 2))(logits, 0, 0.8)
   np.testing.assert_array_equal(kept > decoding.NEG_INF / 2, [[False, True, False, True, False]])
 
 

@@ -168,3 +168,24 @@ def test_gin_flags_make_another_model_file_train_on_the_checkpoint(tmp_path, cap
   train.main(argv + flags)
   assert (tmp_path / "run" / "numpy_checkpoints" / "checkpoint_2" /
           "encoder.prompt.prompt.prompt").is_file()
+
+
+@pytest.mark.parametrize("family, layers", [("llama", 2), ("gemma3", 3)])
+def test_json_of_a_decoder_only_checkpoint(tmp_path, capsys, family, layers):
+  """A tiny Llama and Gemma 3 written by transformers: family, layers, heads, key/value heads."""
+  pytest.importorskip("torch")
+  from hf_causal_reference import random_causal_lm  # pylint: disable=g-import-not-at-top
+  model = random_causal_lm(family)
+  model.save_pretrained(tmp_path)
+  assert inspect_lib.main([str(tmp_path), "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert (info["format"], info["family"], info["num_layers"], info["num_heads"],
+          info["num_kv_heads"]) == ("huggingface", model.config.model_type, layers, 4, 2)
+  assert info["num_params"] == model.num_parameters()  # a tied head is counted once, as there
+  assert info["params"]["decoder/layers_0/self_attention/key/kernel"] == [16, 12]
+  assert info["config"]["sliding_layers"] == ([] if family == "llama" else [0, 2])
+  assert inspect_lib.main([str(tmp_path)]) == 0
+  assert f"  family: {model.config.model_type}" in capsys.readouterr().out
+  assert inspect_lib.main([str(tmp_path), "--gin"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --gin describes T5 checkpoints") and err.count("\n") == 1

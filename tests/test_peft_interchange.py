@@ -254,3 +254,64 @@ def test_released_prompt_errors_name_the_file(tmp_path):
   np.save(tmp_path / "flat.npy", np.zeros(768, np.float32))
   with pytest.raises(ValueError, match="flat.npy"):
     peft_interchange.load_released_prompt(str(tmp_path / "flat.npy"), base)
+
+
+@pytest.fixture(scope="module")
+def causal_saved(tmp_path_factory):
+  """(HF Llama directory, its model, our config, params and jitted apply with a prefix prompt)."""
+  from hf_causal_reference import random_causal_lm  # pylint: disable=g-import-not-at-top
+  from prompt_tuning_jax import causal_lm, hf_causal_lm  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("llama")
+  model = random_causal_lm("llama", seed=9)
+  model.save_pretrained(path)
+  config, params = hf_causal_lm.load_checkpoint(str(path))
+  apply = jax.jit(causal_lm.CausalLM(config, prompts.PromptConfig(PROMPT_LENGTH)).apply)
+  return path, model, params, apply
+
+
+def _causal_logits(causal_saved, prompt, peft_model=None):
+  """(ours, PEFT's) logits at the input tokens `[3, 9]`."""
+  _, _, params, apply = causal_saved
+  tokens = np.random.default_rng(4).integers(3, 64, (3, 9))
+  params = {**params, "decoder": {**params["decoder"], "prompt": {"prompt": {"prompt": prompt}}}}
+  ours = np.asarray(apply({"params": params}, jnp.asarray(tokens)))
+  if peft_model is None:
+    return ours, None
+  with torch.no_grad():
+    theirs = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()[:, PROMPT_LENGTH:]
+  return ours, theirs
+
+
+def test_causal_lm_adapter_exports_to_peft(causal_saved, tmp_path):
+  path, _, _, _ = causal_saved
+  prompt = _random_prompt(11)
+  peft_interchange.export_causal_lm_adapter(prompt, str(tmp_path), str(path))
+  assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+  model = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path))
+  assert isinstance(peft_model, peft.PeftModelForCausalLM)
+  ours, theirs = _causal_logits(causal_saved, prompt, peft_model)
+  np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4)
+  assert np.abs(theirs).max() > 1.0
+  np.testing.assert_array_equal(peft_interchange.import_causal_lm_adapter(str(tmp_path)), prompt)
+
+
+def test_causal_lm_adapter_trained_by_peft_imports_with_its_logits(causal_saved, tmp_path):
+  _, model, _, _ = causal_saved
+  peft_model = peft.get_peft_model(model, peft.PromptTuningConfig(
+      task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_LENGTH))
+  table = peft_model.prompt_encoder["default"].embedding.weight
+  with torch.no_grad():
+    table.normal_(0.0, 1.0)
+  peft_model.save_pretrained(tmp_path)
+  prompt = peft_interchange.import_causal_lm_adapter(str(tmp_path))
+  np.testing.assert_array_equal(prompt, table.detach().numpy())
+  ours, theirs = _causal_logits(causal_saved, prompt, peft_model.eval())
+  np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4)
+  # A causal adapter is no T5 prompt, and a T5 adapter no causal one.
+  with pytest.raises(peft_interchange.AdapterError, match="task_type 'CAUSAL_LM'"):
+    peft_interchange.import_peft_adapter(str(tmp_path))
+  with pytest.raises(peft_interchange.AdapterError, match="task_type 'SEQ_2_SEQ_LM'"):
+    peft_interchange.import_causal_lm_adapter(_write_adapter(tmp_path / "t5"))
+  with pytest.raises(ValueError, match="int32"):
+    peft_interchange.export_causal_lm_adapter(np.zeros((2, 16), np.int32), str(tmp_path / "x"), "m")

@@ -181,10 +181,15 @@ RTE_LINE = '{"premise": "A cat sat.", "hypothesis": "A cat sits.", "label": "ent
      r"val.jsonl:2: the field 'idx' is '1' \(str\), not an int32"),
     ('{"premise": "a", "hypothesis": "b", "idx": 4294967296}',
      r"val.jsonl:2: the field 'idx' is 4294967296 \(int\), not an int32"),
+    ('{"premise": "a", "hypothesis": "b", "idx": {"a": 1}}',
+     r"val.jsonl:2: the field 'idx' is {'a': 1} \(dict\), not an int32; fix that line of the "
+     r"file.$"),
+    ('{"premise": "a", "hypothesis": ["b"], "idx": 1}',
+     r"val.jsonl:2: the field 'hypothesis' is \['b'\] \(list\), not a string"),
     ('{"premise": "a\\ud800", "hypothesis": "b", "idx": 1}',
      r"val.jsonl:2: holds a lone surrogate '\\ud800'"),
 ], ids=["list", "string", "int_text", "null_text", "string_idx", "idx_beyond_int32",
-        "lone_surrogate"])
+        "object_idx", "list_text", "lone_surrogate"])
 def test_malformed_super_glue_lines_name_the_file_line_and_field(tmp_path, line, message):
   path = tmp_path / "val.jsonl"
   path.write_text(RTE_LINE + "\n" + line + "\n")
@@ -192,14 +197,20 @@ def test_malformed_super_glue_lines_name_the_file_line_and_field(tmp_path, line,
     list(readers.super_glue_examples("rte", str(path)))
 
 
-def test_malformed_nested_fields_are_one_error(tmp_path):
+def test_malformed_nested_fields_name_their_path(tmp_path):
   path = tmp_path / "val.jsonl"
   path.write_text('{"idx": 0, "passage": {"text": "t", "questions": 5}}\n')
-  with pytest.raises(ValueError, match=r"val.jsonl:1: a field has the wrong type \(.*int.*\)"):
+  with pytest.raises(ValueError, match=r"val.jsonl:1: the field 'passage.questions' is 5 \(int\), "
+                     r"not a list; fix that line of the file.$"):
     list(readers.super_glue_examples("multirc", str(path)))
   path.write_text('{"idx": 0, "passage": {"text": "t", "questions": [{"question": "q", "idx": 0, '
                   '"answers": [{"text": 7, "idx": 0, "label": 1}]}]}}\n')
-  with pytest.raises(ValueError, match=r"val.jsonl:1: the field 'answer' is 7 \(int\)"):
+  with pytest.raises(ValueError, match=r"val.jsonl:1: the field "
+                     r"'passage.questions\[0\].answers\[0\].text' is 7 \(int\), not a string"):
+    list(readers.super_glue_examples("multirc", str(path)))
+  path.write_text('{"idx": 0, "passage": {"text": "t", "questions": [{"question": "q"}]}}\n')
+  with pytest.raises(ValueError, match=r"val.jsonl:1: the field 'passage.questions\[0\].idx' is "
+                     r"missing; fix that line of the file.$"):
     list(readers.super_glue_examples("multirc", str(path)))
 
 
@@ -210,8 +221,77 @@ def test_malformed_mrqa_lines_name_the_field(tmp_path):
     list(readers.mrqa_examples(str(path)))
   path.write_text('{"context": "c", "qas": [{"qid": "a", "question": "q", "answers": "x"}]}\n')
   with pytest.raises(ValueError,
-                     match=r"dev.jsonl:1: the field 'answers' is 'x' \(str\), not a list"):
+                     match=r"dev.jsonl:1: the field 'qas\[0\].answers' is 'x' \(str\), not a list"):
     list(readers.mrqa_examples(str(path)))
+
+
+def test_a_wsc_span_index_beyond_the_text_is_one_error(tmp_path):
+  path = tmp_path / "val.jsonl"
+  path.write_text('{"text": "A cat sat.", "idx": 3, "label": true, "target": {"span1_index": 9, '
+                  '"span2_index": 0, "span1_text": "dog", "span2_text": "A"}}\n')
+  with pytest.raises(ValueError, match=r"val.jsonl:1: WSC example 3: span1_index 9 is not the index "
+                     "of a word of its text, which has 3"):
+    list(readers.super_glue_examples("wsc.fixed", str(path)))
+
+
+def _paths(value, path=""):
+  """(path, value) of each node of a parsed JSON line, the first item only of each list, in the
+  readers' notation: `passage.questions[0].idx`."""
+  yield path, value
+  if isinstance(value, dict):
+    for name, child in value.items():
+      yield from _paths(child, f"{path}.{name}" if path else name)
+  elif isinstance(value, list) and value:
+    yield from _paths(value[0], f"{path}[0]")
+
+
+def _replaced(value, path, new):
+  """A deep copy of `value` with the node at `path` (of `_paths`) replaced by `new`."""
+  copy = json.loads(json.dumps(value))
+  parts = path.replace("[0]", ".[0]").split(".")
+  node = copy
+  for part in parts[:-1]:
+    node = node[0] if part == "[0]" else node[part]
+  if parts[-1] == "[0]":
+    node[0] = new
+  else:
+    node[parts[-1]] = new
+  return copy
+
+
+@pytest.mark.parametrize("task, file", [
+    ("boolq", "BoolQ/val.jsonl"), ("cb", "CB/val.jsonl"), ("copa", "COPA/val.jsonl"),
+    ("rte", "RTE/val.jsonl"), ("wic", "WiC/val.jsonl"), ("wsc.fixed", "WSC/val.jsonl"),
+    ("multirc", "MultiRC/val.jsonl"), ("record", "ReCoRD/val_excerpt_5rows.jsonl"),
+    ("mrqa", "../mrqa/NewsQA_sample/NewsQA_sample.jsonl")])
+@pytest.mark.parametrize("bad", [{"a": 1}, [1], None], ids=["object", "list", "null"])
+def test_every_field_of_another_type_is_an_error_naming_it(tmp_path, task, file, bad):
+  """Each field of a real line (and of the first item of each list) replaced by an object, a list
+  or null: the reader either names that field in one error, or does not read the field (its
+  examples are those of the real line), or takes a null label as unlabelled."""
+  def examples(row):
+    path = tmp_path / "line.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    if task == "mrqa":
+      return list(readers.mrqa_examples(str(path)))
+    return list(readers.super_glue_examples(task, str(path)))
+
+  with open(DATA_DIR / "superglue" / file, encoding="utf-8") as f:
+    row = next(json.loads(line) for line in f if "header" not in json.loads(line))
+  real = examples(row)
+  checked = 0
+  for path, _ in list(_paths(row))[1:]:
+    try:
+      changed = examples(_replaced(row, path, bad))
+    except ValueError as e:
+      # That field, or one missing from the object that replaced it.
+      assert str(e).startswith(f"{tmp_path / 'line.jsonl'}:1: the field '{path}"), str(e)
+      assert str(e).endswith("; fix that line of the file."), str(e)
+      checked += 1
+      continue
+    unlabelled = bad is None and path.split(".")[-1] == "label"
+    assert changed == real or unlabelled, (path, changed[:1])
+  assert checked >= 3
 
 
 def test_glue_tsv_missing_a_column_names_it(tmp_path):
