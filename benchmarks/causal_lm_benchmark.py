@@ -1,5 +1,5 @@
-"""Decoder-only prompt tuning against PEFT on CPU, in one run (ratios): a Llama-shaped model of about
-100M parameters with random weights, written by transformers and read by `hf_causal_lm`.
+"""Decoder-only prompt tuning against PEFT on CPU, in one run (ratios): a Llama-shaped model of
+about 100M parameters with random weights, written by transformers and read by `hf_causal_lm`.
 
   - train: one prompt-tuning step (plain SGD on a 20-token `prefix` prompt, the loss on the target
     tokens only), ours `trainer.train_step` (the command line's step) on seqio-PrefixLM-shaped

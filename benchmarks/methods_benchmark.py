@@ -1,7 +1,7 @@
 """Every method of `methods.py` on one frozen model, side by side: trainable parameters, the compiled
 train step's memory (XLA's analysis of this device's arguments and temporaries) and its step time.
 
-  PYTHONPATH=. python -m benchmarks.methods_benchmark [--steps 5] [--batch_size 8]
+  PYTHONPATH=. python -m benchmarks.methods_benchmark [--steps 5] [--batch_size 8] [--methods lora,ia3]
 
 The model is T5 1.1 Small's shape with random weights (`common.SMALL`), the batch RTE-sized
 (inputs 256, targets 8) with a 100-token prompt where the method has one, and every method trains
@@ -70,12 +70,15 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--prompt_length", type=int, default=100)
+  parser.add_argument("--methods", default=",".join(methods.METHODS),
+                      help="comma-separated method names (prompt_tuning is always measured)")
   args = parser.parse_args()
+  names = ["prompt_tuning"] + [n for n in args.methods.split(",") if n != "prompt_tuning"]
   model_config = common.t5_config()
   lengths = {"inputs": 256, "targets": 8}
   rows = {}
-  for name, factory in methods.METHODS.items():
-    rows[name] = measure(factory(), model_config, args.prompt_length, args.batch_size, lengths,
+  for name in names:
+    rows[name] = measure(methods.METHODS[name](), model_config, args.prompt_length, args.batch_size, lengths,
                          args.steps)
     print(f"{name}: {rows[name]}", flush=True)
   base = rows["prompt_tuning"]

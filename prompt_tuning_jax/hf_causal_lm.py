@@ -126,8 +126,8 @@ def causal_lm_config(checkpoint: Optional[str], families: Sequence[str] = FAMILI
   than `families` is refused, naming the model file that reads it."""
   if checkpoint is None:
     raise ValueError("The decoder-only model files (models/llama_prompt.gin, "
-                     "models/gemma_prompt.gin) read the architecture from INITIAL_CHECKPOINT_PATH's "
-                     "config.json: set it to a Hugging Face directory.")
+                     "models/gemma_prompt.gin) read the architecture from "
+                     "INITIAL_CHECKPOINT_PATH's config.json: set it to a Hugging Face directory.")
   checkpoints.check_initial_checkpoint(checkpoint)
   config = read_config(checkpoint)
   if config.family not in families:
@@ -217,7 +217,8 @@ def _special_tokens(where: str, gemma: bool, hf: Mapping[str, Any]) -> tuple[int
   Llama 3's does), with the families' defaults (Gemma: 2 and 1; others: 1 and 2)."""
   bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
   eos = eos[0] if isinstance(eos, list) and eos else eos
-  bos, eos = (2 if gemma else 1) if bos is None else bos, (1 if gemma else 2) if eos is None else eos
+  bos = (2 if gemma else 1) if bos is None else bos
+  eos = (1 if gemma else 2) if eos is None else eos
   if type(bos) is not int or type(eos) is not int or min(bos, eos) < 0:
     raise ValueError(f"{where}: bos_token_id={bos!r} and eos_token_id={eos!r} must be token ids "
                      "(non-negative integers).")

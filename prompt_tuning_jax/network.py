@@ -193,14 +193,14 @@ class Encoder(nn.Module):
     if multitask is not None and prompt_ids is None:  # the task is the input's first token
       prompt_ids, tokens = multitask.task_ids(tokens), tokens[:, 1:]
     embedded = self.embedder(tokens)
-    x, mask, rows, prefix = embedded, tokens > 0, (), None
+    x, mask, rows, shared_prompt = embedded, tokens > 0, (), None
     if self.prompt_config is not None:
-      x, mask, prefix = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
+      x, mask, shared_prompt = prompts.PromptInput(self.prompt_config, cfg.dtype, name="prompt")(
           x, mask, prompt_ids, prompt_lengths)
-      if (prefix is not None and attention_module(execution, adapters) is
+      if (shared_prompt is not None and attention_module(execution, adapters) is
           cpu_attention.CpuMultiHeadAttention and adapters.layer_prompts is None
           and not execution.scan_layers and not (enable_dropout and cfg.dropout_rate > 0)):
-        rows = (cpu_attention.SharedPrefix(prefix, embedded),)
+        rows = (cpu_attention.SharedPrefix(shared_prompt, embedded),)
     x = constrain(drop(x), STREAM_AXES)
     length = x.shape[1]
     relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
@@ -209,7 +209,7 @@ class Encoder(nn.Module):
     bias = attention_bias(mask, mask) + relpos(length, length, bidirectional=True)
     per_layer, prefix_bias = _prefix(adapters, "encoder", cfg, relpos, length, bidirectional=True)
     if adapters.layer_prompts is not None:
-      per_layer = dict(per_layer or {}, prompt=self._layer_prompts(prefix))
+      per_layer = dict(per_layer or {}, prompt=self._layer_prompts(shared_prompt))
     # (self, x, bias, dropout, prefix_bias, layer_inputs, rows)
     layer = _remat(EncoderLayer, execution, static_argnums=(3,))
     x = _stack(layer, cfg, execution, adapters, cfg.num_encoder_layers, "layers", x, bias,

@@ -51,7 +51,7 @@ def save(flat: dict[str, np.ndarray], output_dir: str) -> None:
   os.makedirs(output_dir, exist_ok=True)
   tensors = {}
   # The loader's own name map, so that the directory reads back into exactly these parameters.
-  for ours, theirs in hf_checkpoint._name_map(CONFIG).items():  # pylint: disable=protected-access
+  for ours, theirs in hf_checkpoint.name_map(CONFIG).items():
     array = np.asarray(flat[ours])
     if array.ndim == 2 and ours != "token_embedder/embedding":
       array = array.T
