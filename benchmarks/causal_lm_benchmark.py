@@ -2,8 +2,9 @@
 about 100M parameters with random weights, written by transformers and read by `hf_causal_lm`.
 
   - train: one prompt-tuning step (plain SGD on a 20-token `prefix` prompt, the loss on the target
-    tokens only), ours `trainer.train_step` (the command line's step) on seqio-PrefixLM-shaped
-    features, jitted, against PEFT's `PeftModelForCausalLM` with torch's SGD;
+    tokens only), ours `trainer.compile_train_step` (the command line's step: the attention and
+    XLA:CPU options resolved for the device, as a run resolves them) on seqio-PrefixLM-shaped
+    features, against PEFT's `PeftModelForCausalLM` with torch's SGD;
   - generate: a mixed batch of two tasks (rows alternating between 2 prompts of a bank), greedy:
     ours one `causal_decoding.generate` call (one prefill per prompt, a shared-prompt cache);
     PEFT's one `generate` per task (it takes one adapter a call), with its cache.
@@ -26,7 +27,8 @@ import transformers
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks import common  # noqa: E402
 from prompt_tuning_jax import (causal_decoding, causal_lm, hf_causal_lm, losses,  # noqa: E402
-                               prompts, trainer)
+                               partitioning, prompts, run_setup, trainer)
+from prompt_tuning_jax.config import ExecutionConfig  # noqa: E402
 
 PROMPT_LENGTH = 20
 
@@ -59,19 +61,23 @@ def main() -> None:
 
   # Training: ours, the train step of `training.train`, on PrefixLM features of the same rows
   # (decoder_input_tokens starts with 0, which the model reads as its BOS).
-  ours = causal_lm.CausalLM(config, prompts.PromptConfig(PROMPT_LENGTH, combine="prefix"))
+  mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
+  execution = run_setup.resolve_execution(ExecutionConfig(attention="auto"), config, mesh)
+  results["attention"] = execution.attention
+  ours = causal_lm.CausalLM(config, prompts.PromptConfig(PROMPT_LENGTH, combine="prefix"),
+                            execution)
   with_prompt = lambda p: {**params, "decoder": {**params["decoder"],
                                                  "prompt": {"prompt": {"prompt": p}}}}
   batch = {"decoder_input_tokens": np.pad(tokens[:, 1:], ((0, 0), (1, 0))),
            "decoder_target_tokens": np.pad(tokens[:, 1:], ((0, 0), (0, 1))),
            "decoder_loss_weights": np.pad(targets[:, 1:], ((0, 0), (0, 1))).astype(np.int32)}
   sgd = optax.sgd(0.1)
-  step = jax.jit(functools.partial(
-      trainer.train_step, model=ours, optimizer=sgd,
-      loss_config=trainer.LossConfig(z_loss=0.0,
-                                     loss_normalizing_factor=losses.NUM_REAL_TARGET_TOKENS)))
   state = [trainer.TrainState.create({"decoder": {"prompt": {"prompt": {"prompt": bank[0]}}}},
                                      sgd, jax.random.PRNGKey(0))]
+  replicated = lambda tree: jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), tree)
+  step = trainer.compile_train_step(
+      ours, sgd, mesh, replicated(state[0]), replicated(params),
+      trainer.LossConfig(z_loss=0.0, loss_normalizing_factor=losses.NUM_REAL_TARGET_TOKENS))
 
   def ours_train():
     state[0], metrics = step(state[0], params, batch)

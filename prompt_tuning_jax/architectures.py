@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 
 from prompt_tuning_jax import (causal_decoding, causal_lm, checkpoints, decoding, hf_causal_lm,
-                               methods, prompts, scoring)
+                               methods, prompts, scoring, xla_cpu)
 from prompt_tuning_jax.causal_lm import CausalLM, CausalLMConfig
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
 
@@ -48,6 +48,10 @@ class EncoderDecoder:
 
   def feature_converter(self) -> seqio.FeatureConverter:
     return seqio.EncDecFeatureConverter(pack=False)
+
+  def compiler_options(self, platform: Optional[str] = None, onednn: bool = True) -> dict[str, Any]:
+    """`jax.jit`'s compiler options for T5's steps on `platform` (`xla_cpu.dot_compiler_options`)."""
+    return xla_cpu.dot_compiler_options(platform, onednn=onednn)
 
   def describe(self, config: T5Config) -> str:
     """The model in a few words, for a run's opening line."""
@@ -118,6 +122,12 @@ class DecoderOnly:
 
   def feature_converter(self) -> seqio.FeatureConverter:
     return seqio.PrefixLMFeatureConverter(pack=False)
+
+  def compiler_options(self, platform: Optional[str] = None, onednn: bool = True) -> dict[str, Any]:
+    """None: XLA's defaults, which run the decoder's steps faster on CPU than T5's options do
+    (benchmarks/README.md, "Decoder-only prompt tuning against PEFT")."""
+    del platform, onednn
+    return {}
 
   def describe(self, config: CausalLMConfig) -> str:
     return (f"{config.family} decoder of emb {config.emb_dim}, " + _describe(

@@ -51,7 +51,7 @@ import numpy as np
 from prompt_tuning_jax import attention, prompts
 from prompt_tuning_jax.config import ExecutionConfig
 from prompt_tuning_jax.layers import (MASK_BIAS, STREAM_AXES, Dense, Embed, LayerNorm, MlpBlock,
-                                      constrain)
+                                      constrain, remat)
 from prompt_tuning_jax.trees import flatten
 
 # Hugging Face `model_type`s this model reproduces.
@@ -361,13 +361,14 @@ class Decoder(nn.Module):
     if self.execution.attention == "auto":
       raise ValueError("ExecutionConfig.attention='auto' must be resolved for the devices "
                        "(ExecutionConfig.for_platform) before the model is built.")
-    if self.execution.scan_layers or self.execution.remat_policy != "none":
-      raise ValueError("ExecutionConfig.scan_layers and remat_policy are not supported by the "
-                       "decoder-only model yet; use scan_layers=False, remat_policy='none'.")
+    if self.execution.scan_layers:
+      raise ValueError("ExecutionConfig.scan_layers is not supported by the decoder-only model "
+                       "(its sliding and global layers differ); use scan_layers=False.")
     if self.prompt_config is not None:
       self.prompt = prompts.PromptInput(self.prompt_config, cfg.dtype)
     sliding = set(cfg.sliding_layers)
-    self.layers = [DecoderLayer(cfg, self.execution, i in sliding) for i in range(cfg.num_layers)]
+    layer = remat(DecoderLayer, self.execution, static_argnums=())
+    self.layers = [layer(cfg, self.execution, i in sliding) for i in range(cfg.num_layers)]
     self.decoder_norm = _norm(cfg, "decoder_norm")
     if not cfg.tie_embeddings:
       self.logits_dense = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.dtype)

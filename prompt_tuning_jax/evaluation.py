@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 import tqdm
 
-from prompt_tuning_jax import architectures, batching, freezing, partitioning, xla_cpu
+from prompt_tuning_jax import architectures, batching, freezing, partitioning
 from prompt_tuning_jax.network import T5
 
 DECODING_METHODS = ("greedy", "beam_search", "sample")
@@ -105,7 +105,7 @@ class Predictor:
       jit_kwargs = {"out_shardings": partitioning.replicated(self._mesh)}
     self._jit = functools.partial(jax.jit, **jit_kwargs)
     self._score = self._jit(lambda t, f, batch: self.architecture.score(
-        model, freezing.merge(t, f), batch), compiler_options=xla_cpu.dot_compiler_options())
+        model, freezing.merge(t, f), batch), compiler_options=self.architecture.compiler_options())
 
   def _placed(self, features: Mapping[str, np.ndarray]):
     """The model's features of a batch as the jitted functions take them: as they are, or split
@@ -120,7 +120,7 @@ class Predictor:
       run = self.architecture.decoder(self.model, self.decoding_config, max_length)
       self._decoders[max_length] = self._jit(
           lambda t, f, batch: run(freezing.merge(t, f), batch),
-          compiler_options=xla_cpu.dot_compiler_options(onednn=False))
+          compiler_options=self.architecture.compiler_options(onednn=False))
     return self._decoders[max_length]
 
   def _count_done(self, pending: Sequence[tuple[np.ndarray, int, Any]], last: bool) -> None:

@@ -37,6 +37,15 @@ def fan_in_normal(scale: float = 1.0) -> Callable:
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+def remat(layer: type[nn.Module], execution: ExecutionConfig, static_argnums: tuple[int, ...]):
+  """`layer`, recomputed in the backward pass as `execution.remat_policy` says."""
+  if execution.remat_policy == "none":
+    return layer
+  policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[
+      execution.remat_policy]
+  return nn.remat(layer, policy=policy, static_argnums=static_argnums)
+
+
 def dropout(config: T5Config) -> nn.Dropout:
   """T5X's dropout of `[batch, length, features]` activations: one mask along the length axis."""
   return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))

@@ -30,7 +30,7 @@ from prompt_tuning_jax.adapters import Adapters
 from prompt_tuning_jax.config import ExecutionConfig, T5Config
 from prompt_tuning_jax.layers import (MASK_BIAS, STREAM_AXES, Dense, Embed, LayerNorm, MlpBlock,
                                       MultiHeadAttention, RelativePositionBiases, attention_bias,
-                                      constrain, dropout)
+                                      constrain, dropout, remat)
 
 
 def attention_module(execution: ExecutionConfig,
@@ -113,15 +113,6 @@ class DecoderLayer(nn.Module):
     y = constrain(y + drop(MlpBlock(cfg, self.adapters, name="mlp")(z, enable_dropout)),
                   STREAM_AXES)
     return (y, None) if self.scanned else y
-
-
-def _remat(layer: type[nn.Module], execution: ExecutionConfig, static_argnums: tuple[int, ...]):
-  """`layer`, recomputed in the backward pass as `execution.remat_policy` says."""
-  if execution.remat_policy == "none":
-    return layer
-  policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[
-      execution.remat_policy]
-  return nn.remat(layer, policy=policy, static_argnums=static_argnums)
 
 
 def _stack(layer: type[nn.Module], config: T5Config, execution: ExecutionConfig, adapters: Adapters,
@@ -211,7 +202,7 @@ class Encoder(nn.Module):
     if adapters.layer_prompts is not None:
       per_layer = dict(per_layer or {}, prompt=self._layer_prompts(shared_prompt))
     # (self, x, bias, dropout, prefix_bias, layer_inputs, rows)
-    layer = _remat(EncoderLayer, execution, static_argnums=(3,))
+    layer = remat(EncoderLayer, execution, static_argnums=(3,))
     x = _stack(layer, cfg, execution, adapters, cfg.num_encoder_layers, "layers", x, bias,
                enable_dropout, prefix_bias, per_layer=per_layer, first_layer_args=rows)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
@@ -271,7 +262,7 @@ class Decoder(nn.Module):
       cross_bias = attention_bias(query_mask, encoded_mask)
     # (self, y, encoded, self_bias, cross_bias, enable_dropout, decode, prefix_bias, layer_inputs);
     # no remat while decoding.
-    layer = DecoderLayer if decode else _remat(DecoderLayer, self.execution, static_argnums=(5, 6))
+    layer = DecoderLayer if decode else remat(DecoderLayer, self.execution, static_argnums=(5, 6))
     y = _stack(layer, cfg, self.execution, self.adapters, cfg.num_decoder_layers, "layers", y,
                encoded, self_bias, cross_bias, enable_dropout, decode, prefix_bias,
                per_layer=per_layer)

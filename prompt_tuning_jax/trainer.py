@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from prompt_tuning_jax import architectures, freezing, losses, partitioning, xla_cpu
+from prompt_tuning_jax import architectures, freezing, losses, partitioning
 from prompt_tuning_jax.network import T5
 
 Batch = dict[str, jax.Array]
@@ -157,8 +157,8 @@ def eval_step(trainable, frozen, batch: Batch, *, model: T5,
   return metrics
 
 
-def _dot_options(mesh: Mesh) -> dict[str, Any]:
-  return xla_cpu.dot_compiler_options(mesh.devices.flat[0].platform)
+def _dot_options(model: T5, mesh: Mesh) -> dict[str, Any]:
+  return architectures.of(model.config).compiler_options(mesh.devices.flat[0].platform)
 
 
 def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -169,14 +169,16 @@ def compile_train_step(model: T5, optimizer: optax.GradientTransformation, mesh:
   """`train_step` `with_finiteness` (`skip_nonfinite`, `norm_bound`) under `jax.jit`, with the state
   and frozen params placed by their shardings, the batch split over the mesh's `data` axis and
   activations sharded by the model's logical constraints; the old state's buffers are donated.
-  Compiled with `compiler_options`, by default the mesh's platform's `xla_cpu.dot_compiler_options`."""
+  Compiled with `compiler_options`, by default the model's architecture's for the mesh's platform
+  (`architectures.EncoderDecoder.compiler_options`)."""
   step = partitioning.shard_activations(with_finiteness(functools.partial(
       train_step, model=model, optimizer=optimizer, loss_config=loss_config,
       num_microbatches=num_microbatches), skip_nonfinite, norm_bound), mesh)
   return jax.jit(step, in_shardings=(state_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
                  out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,),
-                 compiler_options=_dot_options(mesh) if compiler_options is None else compiler_options)
+                 compiler_options=(_dot_options(model, mesh) if compiler_options is None
+                                   else compiler_options))
 
 
 def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardings,
@@ -185,4 +187,5 @@ def compile_eval_step(model: T5, mesh: Mesh, trainable_shardings, frozen_shardin
       functools.partial(eval_step, model=model, loss_config=loss_config), mesh)
   return jax.jit(step, in_shardings=(trainable_shardings, frozen_shardings,
                                      partitioning.batch_sharding(mesh)),
-                 out_shardings=partitioning.replicated(mesh), compiler_options=_dot_options(mesh))
+                 out_shardings=partitioning.replicated(mesh),
+                 compiler_options=_dot_options(model, mesh))

@@ -244,21 +244,24 @@ def test_sgd_trajectory_matches_peft(saved, family, changes):
                              trainable[0].detach().numpy(), atol=1e-4)
 
 
-def test_cpu_attention_core_gives_the_same_logits_and_prompt_gradients(saved):
-  """ExecutionConfig(attention="cpu") (flash-style backward pass) is the "xla" core's model."""
+@pytest.mark.parametrize("execution", [ExecutionConfig("cpu"), ExecutionConfig(remat_policy="full"),
+                                       ExecutionConfig(remat_policy="dots")])
+def test_other_execution_settings_give_the_same_logits_and_prompt_gradients(saved, execution):
+  """ExecutionConfig(attention="cpu") (flash-style backward pass) and rematerialised layers compute
+  the "xla" core's model."""
   _, _, config, params = saved("gemma3")
   tokens, mask = _batch()
   prompt_config = prompts.PromptConfig(PROMPT_LENGTH, combine="prefix_after_bos")
 
-  def value_and_grad(attention):
-    model = causal_lm.CausalLM(config, prompt_config, ExecutionConfig(attention))
+  def value_and_grad(execution):
+    model = causal_lm.CausalLM(config, prompt_config, execution)
     logits = lambda prompt: model.apply({"params": _with_prompt(params, prompt)}, tokens, mask)
     loss = lambda prompt: jnp.sum(jnp.where(mask[..., None], logits(prompt), 0.0) ** 2)
     return jax.jit(jax.value_and_grad(loss))(_random_prompt(7))
 
-  (xla_loss, xla_grad), (cpu_loss, cpu_grad) = value_and_grad("xla"), value_and_grad("cpu")
-  np.testing.assert_allclose(cpu_loss, xla_loss, rtol=1e-5)
-  np.testing.assert_allclose(cpu_grad, xla_grad, rtol=1e-4, atol=1e-4)
+  (xla_loss, xla_grad), (loss, grad) = value_and_grad(ExecutionConfig()), value_and_grad(execution)
+  np.testing.assert_allclose(loss, xla_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, xla_grad, rtol=1e-4, atol=1e-4)
   assert np.abs(xla_grad).max() > 1e-2
 
 
