@@ -1,6 +1,6 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Both set up .venv first: the demo
 # installs the library (`pip install -e .`), the tests add their extras (`pip install -e ".[test]"`:
-# pytest, nbclient and the PyTorch, transformers and PEFT references the tests compare against).
+# pytest, pytest-xdist, nbclient and the PyTorch, transformers and PEFT references the tests compare against).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,8 +29,12 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	env $$($(BIN)/python -m prompt_tuning_jax.xla_cpu) $(BIN)/python -m prompt_tuning_jax.demo
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist), each test file on one of them, so a
+# file's module-scoped fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: $(TEST_STAMP)
-	$(BIN)/pytest tests
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -31,8 +31,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Reference implementations the tests compare against. torch is pinned to the CPU build on disk.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "peft>=0.21", "nbclient",
-             "nbformat", "ipykernel"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "peft>=0.21",
+             "nbclient", "nbformat", "ipykernel"],
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11"],
 }
