@@ -309,17 +309,5 @@ def _our_tensors(path: str, config: CausalLMConfig) -> dict[str, Any]:
   # Copies transformers may store beside the weights: a tied head, RoPE's frequency buffers.
   ignored = {name for name in tensors if name.endswith("rotary_emb.inv_freq")
              or (config.tie_embeddings and name == "lm_head.weight")}
-  unknown = sorted(set(tensors) - set(names.values()) - ignored)
-  if unknown:
-    raise ValueError(f"{path} holds tensors a {config.family} model of this config.json does not "
-                     f"have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Is "
-                     "config.json right?")
-  ours = {}
-  for name, hf_name in names.items():
-    if hf_name not in tensors:
-      continue  # `checkpoints.check_params` reports it as missing.
-    shape, read = tensors[hf_name]
-    if len(shape) == 2 and name != "token_embedder/embedding":
-      shape, read = shape[::-1], hf_checkpoint.transposed(read, None)
-    ours[name] = hf_checkpoint.Tensor(tuple(shape), read)
-  return ours
+  return hf_checkpoint.renamed_tensors(path, tensors, names, ignored,
+                                       f"a {config.family} model of this config.json")

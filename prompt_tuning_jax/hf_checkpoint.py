@@ -16,7 +16,7 @@ Errors are `ValueError`s (or `OSError`s); `checkpoints.load_checkpoint` turns th
 import json
 import os
 import struct
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -108,19 +108,30 @@ def _our_tensors(path: str) -> dict[str, Tensor]:
   if not config.logits_via_embedding:
     head = "lm_head.weight" if "lm_head.weight" in tensors else "shared.weight"
     names["decoder/logits_dense/kernel"] = head
-  unknown = sorted(set(tensors) - set(names.values()) - set(_IGNORED))
+  head_scale = hf["d_model"] ** -0.5 if _scales_decoder_output(hf) else None
+  return renamed_tensors(path, tensors, names, _IGNORED, "a T5 model",
+                         lambda name: head_scale if name == "decoder/logits_dense/kernel" else None)
+
+
+def renamed_tensors(path: str, tensors: dict[str, tuple[Sequence[int], Callable]],
+                    names: dict[str, str], ignored: Iterable[str], model: str,
+                    scale: Callable[[str], Optional[float]] = lambda name: None
+                    ) -> dict[str, Tensor]:
+  """`{our name: Tensor}` of a checkpoint's `tensors` (`read_tensors`) by `names` (ours -> theirs),
+  2-D kernels transposed to `[in, out]` (and multiplied by `scale(name)`) lazily. Tensors neither
+  named nor `ignored` are an error naming `model` ("a T5 model"); named ones the checkpoint lacks
+  are left out (`checkpoints.check_params` reports them)."""
+  unknown = sorted(set(tensors) - set(names.values()) - set(ignored))
   if unknown:
-    raise ValueError(f"{path} holds tensors a T5 model does not have: {', '.join(unknown[:5])}"
+    raise ValueError(f"{path} holds tensors {model} does not have: {', '.join(unknown[:5])}"
                      f"{' ...' if len(unknown) > 5 else ''}. Is config.json right?")
   ours = {}
   for name, hf_name in names.items():
     if hf_name not in tensors:
-      continue  # `checkpoints.check_params` reports it as missing.
+      continue
     shape, read = tensors[hf_name]
     if len(shape) == 2 and name != "token_embedder/embedding":
-      scale = (hf["d_model"] ** -0.5 if name == "decoder/logits_dense/kernel"
-               and _scales_decoder_output(hf) else None)
-      shape, read = shape[::-1], transposed(read, scale)
+      shape, read = shape[::-1], transposed(read, scale(name))
     ours[name] = Tensor(tuple(shape), read)
   return ours
 

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -171,11 +172,13 @@ class RunCheckpointer:
   only process 0 writes the numpy files.
   """
 
-  def __init__(self, model_dir: str, keep: Optional[int] = 3):
-    """`keep`: how many of the latest checkpoints to keep, None for all (the numpy prompts are all
-    kept). An unreadable `best/best.json` is reported in one log line and replaced at the next best
+  def __init__(self, model_dir: str, keep: Optional[int] = 3, keep_numpy: Optional[int] = None):
+    """`keep`: how many of the latest checkpoints to keep, None for all; `keep_numpy`: how many of
+    the latest numpy copies (None: all, as prompts are small; model tuning's hold every weight).
+    An unreadable `best/best.json` is reported in one log line and replaced at the next best
     prompt."""
     self.model_dir = model_dir
+    self.keep_numpy = keep_numpy
     self.directory = os.path.join(model_dir, CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=(STATE_ITEM, DATA_POSITION_ITEM),
@@ -202,7 +205,7 @@ class RunCheckpointer:
     """Saves `state` (a `TrainState`) and `data_position` (a small JSON dict) as step `step`.
 
     Also writes each leaf of `state.trainable` to `numpy_checkpoints/checkpoint_{step}/`. Deletes
-    the oldest checkpoint beyond `keep`.
+    the oldest checkpoint beyond `keep`, and the oldest numpy copies beyond `keep_numpy`.
 
     Raises:
       CheckpointError: step `step` (or its numpy directory) exists already; nothing is written. Or
@@ -225,6 +228,7 @@ class RunCheckpointer:
       if jax.process_index() == 0:
         os.makedirs(os.path.dirname(numpy_dir), exist_ok=True)
         _write_numpy_dir(numpy_dir, arrays)
+        self._remove_old_numpy_copies()
     except Exception as e:  # orbax and tensorstore raise many unrelated types.
       self._remove_unfinished(step)
       no_space = _is_no_space(e)
@@ -299,6 +303,17 @@ class RunCheckpointer:
     if jax.process_index() == 0 and not os.path.exists(self._numpy_dir(step)):
       _write_numpy_dir(self._numpy_dir(step), arrays)
     return restored[STATE_ITEM], restored[DATA_POSITION_ITEM]
+
+  def _remove_old_numpy_copies(self) -> None:
+    """Deletes the numpy copies older than the newest `keep_numpy` (a restore rewrites a kept
+    checkpoint's copy if it is missing)."""
+    if self.keep_numpy is None:
+      return
+    pattern = re.compile(r"checkpoint_(\d+)")
+    steps = sorted(int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(
+        os.path.join(self.model_dir, NUMPY_DIR))) if m)
+    for step in steps[:-self.keep_numpy]:
+      shutil.rmtree(self._numpy_dir(step), ignore_errors=True)
 
   def _numpy_dir(self, step: int) -> str:
     return os.path.join(self.model_dir, NUMPY_DIR, f"checkpoint_{step}")

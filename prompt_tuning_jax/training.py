@@ -47,6 +47,7 @@ logger = logging.getLogger("prompt_tuning_jax")
 # hyperparameters, LEARNING_RATE among them); any other difference from the run in MODEL_DIR is an
 # error.
 MUTABLE_RUN_SETTINGS = ("train_steps", "eval_period", "checkpoint_period", "keep_checkpoints",
+                        "keep_numpy_checkpoints",
                         "log_period", "eval_num_examples", "skip_nonfinite_steps",
                         "max_skipped_steps", "optimizer", "publish_to")
 # Settings runs record since some version; a run recorded without one resumes.
@@ -104,9 +105,11 @@ class CheckpointConfig:
   """When a training run saves its state and how many saves it keeps, after T5X's
   `utils.SaveCheckpointConfig`. `period` None saves every `EvalConfig.period` steps, or only at the
   end; the last step and SIGTERM always save. `keep` (None: all) counts the resume checkpoints kept;
-  the numpy prompts of every save are kept."""
+  `keep_numpy` (None: all, as prompts are small) the numpy copies of the trained parameters
+  (`methods/model_tuning.gin` keeps 1: they are every weight)."""
   period: Optional[int] = None
   keep: Optional[int] = 3
+  keep_numpy: Optional[int] = None
 
 
 def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
@@ -210,7 +213,8 @@ def train(*, model_dir: str, dataset_config: DatasetConfig, train_steps: int,
     if changed:
       logger.info("Settings changed since the run's last start, applied from here on: %s.",
                   "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
-    checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=checkpoint_config.keep)
+    checkpointer = run_checkpoints.RunCheckpointer(model_dir, keep=checkpoint_config.keep,
+                                                   keep_numpy=checkpoint_config.keep_numpy)
     try:
       batches_consumed = steps.resume(checkpointer)
       loop = _TrainLoop(steps, data, checkpointer, dataset_config, eval_config, train_steps,
@@ -254,6 +258,7 @@ def _check_settings(model_dir: str, train_steps: int, dataset_config: DatasetCon
   _check_int("CHECKPOINT_PERIOD (CheckpointConfig.period)", checkpoint_config.period, 1,
              "None: every EVAL_PERIOD steps, or at the end")
   _check_int("CheckpointConfig.keep", checkpoint_config.keep, 1, "None: keep all")
+  _check_int("CheckpointConfig.keep_numpy", checkpoint_config.keep_numpy, 1, "None: keep all")
   _check_int("train.log_period", log_period, 1)
   _check_int("train.seed", seed, 0)
   _check_int("train.max_skipped_steps", max_skipped_steps, 1)
@@ -669,6 +674,8 @@ def _run_identity(*, dataset_config: DatasetConfig, eval_config: EvalConfig,
     identity["shuffle"] = False
   if assignment_map:
     identity["assignment_map"] = list(assignment_map)
+  if checkpoint_config.keep_numpy is not None:
+    identity["keep_numpy_checkpoints"] = checkpoint_config.keep_numpy
   if method != methods.prompt_tuning():
     identity["method"] = method
   if not eval_config.best_higher_is_better:

@@ -75,6 +75,19 @@ def test_keeps_the_last_k_and_all_numpy_prompts(tmp_path, checkpointer):
       "checkpoint_1", "checkpoint_2", "checkpoint_3"]
 
 
+def test_keep_numpy_keeps_the_newest_numpy_copies_and_restore_rewrites_a_kept_ones(tmp_path):
+  checkpointer = run_checkpoints.RunCheckpointer(str(tmp_path), keep=2, keep_numpy=1)
+  states = {step: make_state(seed=step) for step in (1, 2, 3)}
+  for step, state in states.items():
+    checkpointer.save(step, state, {"examples_seen": step})
+  assert os.listdir(tmp_path / "numpy_checkpoints") == ["checkpoint_3"]
+  restored, _ = checkpointer.restore(2, abstract_state=jax.eval_shape(lambda: states[2]))
+  assert_identical(restored, states[2])
+  np.testing.assert_array_equal(np.load(tmp_path / "numpy_checkpoints" / "checkpoint_2" / PROMPT_FILE),
+                                prompt_of(states[2]))
+  checkpointer.close()
+
+
 def test_a_new_checkpointer_resumes_from_the_latest(tmp_path, checkpointer):
   state = make_state()
   checkpointer.save(5, state, {"examples_seen": 5})
