@@ -71,9 +71,10 @@ def _method_model(method: methods.Method, model_config: T5Config, frozen_paths: 
           prompt.shape[0], prompt_initializers.from_array(prompt), prompt_combine)
     model = methods.build_model(candidate, model_config, prompt_config, execution)
     shapes = methods.param_shapes(model)
-    trainable = freezing.freeze_mask(trees.unflatten(shapes), candidate.trainable_patterns)
+    trainable = trees.flatten(freezing.freeze_mask(trees.unflatten(shapes),
+                                                   candidate.trainable_patterns))
     wanted = {path: shape for path, shape in shapes.items()
-              if trees.flatten(trainable)[path] or path not in frozen_paths}
+              if trainable[path] or path not in frozen_paths}
     if (prompt is not None or not candidate.input_prompt) and wanted == held:
       return model
   raise ValueError(

@@ -98,20 +98,16 @@ class Method:
     reparameterisation (a plain prompt, plain prefixes); the same dict where there is none."""
     flat = dict(trainable)
     if self.residual_hidden is not None:
-      prompt_tree = trees.unflatten({k[len("encoder/prompt/"):]: v for k, v in flat.items()
-                                     if k.startswith("encoder/prompt/")})
-      flat = {k: v for k, v in flat.items() if not k.startswith("encoder/prompt/")}
+      prompt_tree, flat = _take_subtree(flat, "encoder/prompt/")
       flat[prompts.PROMPT_PATH] = np.asarray(prompts.fold_residual(prompt_tree, self.residual_hidden))
     prefix = self.adapters.prefix
     if prefix is not None and prefix.hidden is not None:
       for stack in prefix.stacks:
-        start = f"{stack}/prefix/"
-        params = trees.unflatten({k[len(start):]: v for k, v in flat.items() if k.startswith(start)})
-        flat = {k: v for k, v in flat.items() if not k.startswith(start)}
+        params, flat = _take_subtree(flat, f"{stack}/prefix/")
         layers = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
         folded = adapters.fold_prefix(params, prefix, layers, config.num_heads, config.head_dim,
                                       config.emb_dim)
-        flat.update({start + k: np.asarray(v) for k, v in folded.items()})
+        flat.update({f"{stack}/prefix/{k}": np.asarray(v) for k, v in folded.items()})
     return flat
 
   def folded(self) -> "Method":
@@ -121,6 +117,12 @@ class Method:
       prefix = dataclasses.replace(prefix, hidden=None)
     return dataclasses.replace(self, residual_hidden=None,
                                adapters=dataclasses.replace(self.adapters, prefix=prefix))
+
+
+def _take_subtree(flat: dict[str, Any], start: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(the nested tree of the `/`-joined paths under `start`, the other paths)."""
+  return (trees.unflatten({k[len(start):]: v for k, v in flat.items() if k.startswith(start)}),
+          {k: v for k, v in flat.items() if not k.startswith(start)})
 
 
 def prompt_tuning() -> Method:
