@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Optional, Sequence
 
 from prompt_tuning_jax import console
@@ -28,6 +29,7 @@ DEMO_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_d
 # The demo's frozen model: a Hugging Face T5 directory (how it was made: its README.md).
 DEMO_CHECKPOINT = os.path.join(DEMO_DATA_DIR, "random_t5")
 DEMO_MODEL_GIN = "models/demo_random_t5.gin"
+DEMO_WEIGHTS = os.path.join(DEMO_CHECKPOINT, "model.safetensors")
 # T5X's own test checkpoint (random weights, embed 4): a real T5X-format checkpoint for tests.
 T5X_TEST_CHECKPOINT = os.path.join(DEMO_DATA_DIR, "t5x_t5_1_1_tiny", "checkpoint_3")
 TASK = "taskless_super_glue_rte_v102"
@@ -73,10 +75,24 @@ def majority_rate(predictions_file: str) -> tuple[str, float]:
   return label, 100 * count / sum(targets.values())
 
 
+def ensure_demo_checkpoint() -> str:
+  """DEMO_CHECKPOINT, its weights written first where they are missing: they are generated (a few
+  seconds, `demo_data/make_demo_model.py`), not committed. The write is atomic, so processes that
+  race here write the same file in turn."""
+  if not os.path.exists(DEMO_WEIGHTS):
+    # Imported here: it imports JAX, which the command line loads only after quieting the console.
+    from prompt_tuning_jax.demo_data import make_demo_model  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory(dir=DEMO_DATA_DIR) as tmp:
+      make_demo_model.write(tmp)
+      os.replace(os.path.join(tmp, os.path.basename(DEMO_WEIGHTS)), DEMO_WEIGHTS)
+  return DEMO_CHECKPOINT
+
+
 def run_demo(model_dir: str, gin_args: Sequence[str] = ()) -> dict[str, Any]:
   """Trains and evaluates the demo prompt in `model_dir`; returns where everything went and what
   it measured."""
   model_dir = os.path.abspath(model_dir)
+  ensure_demo_checkpoint()
   common = [
       "--gin_file=runs/demo.gin",
       f"--gin.MODEL_DIR={model_dir!r}",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from prompt_tuning_jax import config, network
+from prompt_tuning_jax import config, demo, network
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
@@ -39,6 +39,12 @@ def require_shared(path: pathlib.Path = SHARED) -> None:
 def pytest_runtest_setup(item):
   for mark in item.iter_markers("needs_shared"):
     require_shared(*mark.args)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_checkpoint() -> str:
+  """The bundled demo model, its weights generated once (they are not committed)."""
+  return demo.ensure_demo_checkpoint()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ format, not the task.
 
 Writes a Hugging Face T5 directory (`config.json`, `model.safetensors` in bfloat16, 15 MB) that
 `checkpoints.load_checkpoint` reads, reloads it, and prints its size and the sha256 of the weights.
+The weights are not committed: `demo.ensure_demo_checkpoint` writes them (`write`) the first time
+the demo, a test or a notebook needs them.
 
   .venv/bin/python prompt_tuning_jax/demo_data/make_demo_model.py
 """
@@ -63,12 +65,19 @@ def save(flat: dict[str, np.ndarray], output_dir: str) -> None:
     f.write("\n")
 
 
+def write(output_dir: str) -> dict[str, np.ndarray]:
+  """Writes the demo model, from T5X's initialisers with `SEED`, to `output_dir`; returns its
+  parameters (float32, before the cast to bfloat16)."""
+  params = checkpoints.init_params(CONFIG, jax.random.PRNGKey(SEED))
+  save(params, output_dir)
+  return params
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(__file__), "random_t5"))
   args = parser.parse_args()
-  params = checkpoints.init_params(CONFIG, jax.random.PRNGKey(SEED))
-  save(params, args.output_dir)
+  params = write(args.output_dir)
   loaded_config, loaded = checkpoints.load_checkpoint(args.output_dir)
   assert loaded_config == CONFIG, (loaded_config, CONFIG)
   for name, value in trees.flatten(loaded).items():
